@@ -1,0 +1,89 @@
+"""compute-agent: the per-hypervisor daemon.
+
+Start-up order: config and logging, the database, the driver (libvirt
+connection), reconciliation of anything a previous run left unfinished, then
+the RPC server. SIGTERM/SIGINT stop consuming new requests and wait (up to
+graceful_shutdown_timeout) for running operations to finish.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+
+from oslo_log import log as logging
+
+from compute_agent import __version__, manager, rpc, store
+from compute_agent.conf import CONF
+from compute_agent.image import cache, service
+from compute_agent.rpc import server as rpc_server
+from compute_agent.virt.libvirt import driver as libvirt_driver
+
+LOG = logging.getLogger(__name__)
+
+
+def _periodic(stop: threading.Event, interval: int, fn, name: str) -> threading.Thread:
+    def loop():
+        while not stop.wait(interval):
+            try:
+                fn()
+            except Exception:
+                LOG.exception("Periodic task %s failed", name)
+    thread = threading.Thread(target=loop, name=name, daemon=True)
+    thread.start()
+    return thread
+
+
+def build_manager(conf) -> manager.ComputeManager:
+    images = service.get_image_service(conf)
+    image_cache = cache.ImageCache(conf, images)
+    driver = libvirt_driver.LibvirtDriver(conf, image_cache)
+    db = store.Store(conf.state_path)
+    notifier = rpc.get_notifier(conf, conf.host)
+    return manager.ComputeManager(conf, db, driver, images, notifier)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.register_options(CONF)
+    CONF(sys.argv[1:] if argv is None else argv, project="compute-agent",
+         version=__version__)
+    logging.setup(CONF, "compute-agent")
+    LOG.info("compute-agent %s starting on host %s", __version__, CONF.host)
+
+    mgr = build_manager(CONF)
+    mgr.init_host()
+
+    transport = rpc.get_transport(CONF)
+    server = rpc_server.get_server(CONF, transport, mgr)
+    stop = threading.Event()
+
+    def on_signal(signum, frame):
+        LOG.info("Received %s; stopping", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+
+    server.start()
+    LOG.info("Consuming RPC on topic %s, server %s", rpc.TOPIC, CONF.host)
+    if CONF.state_sync_interval:
+        _periodic(stop, CONF.state_sync_interval, mgr.sync_power_states, "power-state-sync")
+
+    stop.wait()
+    server.stop()  # no new requests from here on
+    waiter = threading.Thread(target=server.wait, daemon=True)
+    waiter.start()
+    waiter.join(CONF.graceful_shutdown_timeout)
+    if waiter.is_alive():
+        LOG.warning("Operations still running after %ss; exiting anyway (the journal "
+                    "lets the next start reconcile them)", CONF.graceful_shutdown_timeout)
+    mgr.driver.cleanup_host()
+    mgr.store.close()
+    transport.cleanup()
+    LOG.info("compute-agent stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

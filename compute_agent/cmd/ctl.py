@@ -1,0 +1,246 @@
+"""compute-agent-ctl: the operator's CLI, built on the RPC client API.
+
+    compute-agent-ctl boot --name web-1 --image cirros --memory 256 --wait
+    compute-agent-ctl list | show UUID | delete UUID --wait | console-log UUID
+    compute-agent-ctl host-status -f json
+
+It reads the same config file as the agent (for transport_url and the default
+host) and talks to one agent through RabbitMQ.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import uuid as uuidlib
+
+from oslo_config import cfg
+
+from compute_agent import exception, rpc
+from compute_agent.conf import CONF
+from compute_agent.rpc.api import ComputeAPI
+
+
+def _table(rows: list[dict], columns: list[str]) -> str:
+    cells = [[str(r.get(c, "") if r.get(c) is not None else "-") for c in columns]
+             for r in rows]
+    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
+    line = "+" + "+".join("-" * (w + 2) for w in widths) + "+"
+    def fmt(values):
+        return "| " + " | ".join(v.ljust(w) for v, w in zip(values, widths, strict=True)) + " |"
+    out = [line, fmt(columns), line] + [fmt(row) for row in cells] + [line]
+    return "\n".join(out)
+
+
+def _kv(d: dict) -> str:
+    rows = [{"field": k, "value": json.dumps(v) if isinstance(v, dict | list) else v}
+            for k, v in d.items()]
+    return _table(rows, ["field", "value"])
+
+
+def _emit(args, data, columns: list[str] | None = None) -> None:
+    if args.format == "json":
+        print(json.dumps(data, indent=2, sort_keys=True))
+    elif isinstance(data, list):
+        print(_table(data, columns or sorted(data[0]) if data else []))
+    else:
+        print(_kv(data))
+
+
+class Ctl:
+    def __init__(self, args):
+        self.args = args
+        self.host = args.host or CONF.host
+        self.api = ComputeAPI(rpc.get_transport(CONF), timeout=args.timeout)
+        self.ctxt = self.api.new_context()
+
+    # --- following a task to its end ----------------------------------------
+
+    def wait(self, uuid: str, action: str, gone_ok: bool = False) -> dict | None:
+        spinner = "|/-\\"
+        deadline = time.monotonic() + self.args.wait_timeout
+        tick, last = 0, None
+        tty = sys.stderr.isatty()
+        while time.monotonic() < deadline:
+            try:
+                inst = self.api.get_instance(self.ctxt, self.host, uuid)
+            except exception.InstanceNotFound:
+                inst = None
+            refused = self._refusal(uuid)
+            if refused:
+                sys.stderr.write("\n")
+                raise exception.Invalid(f"{action} refused: {refused}")
+            if inst is not None and inst["task_state"] is None and \
+                    (action != "spawn" or inst["vm_state"] != "building"):
+                if tty:
+                    sys.stderr.write("\r" + " " * 78 + "\r")
+                return inst
+            state = (f"{inst['vm_state']}/{inst['task_state']}" if inst else "accepted")
+            if tty:
+                sys.stderr.write(f"\r{spinner[tick % 4]} {action} {uuid}: {state}   ")
+            elif state != last:
+                sys.stderr.write(f"{action} {uuid}: {state}\n")
+            last = state
+            sys.stderr.flush()
+            tick += 1
+            time.sleep(0.5)
+        raise exception.ComputeAgentError(
+            f"Gave up waiting for {action} of {uuid} after {self.args.wait_timeout}s")
+
+    def _refusal(self, uuid: str) -> str | None:
+        for op in self.api.get_operations(self.ctxt, self.host, uuid, limit=5):
+            if op["request_id"] == self.ctxt.request_id and op["status"] == "refused":
+                return op["message"]
+        return None
+
+    def _report(self, inst: dict) -> int:
+        _emit(self.args, _summary(inst))
+        if inst.get("fault"):
+            f = inst["fault"]
+            print(f"FAULT in {f['operation']} at step {f['step']}: {f['message']}",
+                  file=sys.stderr)
+            return 1
+        return 0
+
+    # --- commands --------------------------------------------------------------
+
+    def boot(self) -> int:
+        a = self.args
+        if a.spec:
+            with open(a.spec) as f:
+                spec = json.load(f)
+        else:
+            spec = {"uuid": a.uuid or str(uuidlib.uuid4()), "name": a.name,
+                    "flavor": {"name": a.flavor_name, "vcpus": a.vcpus,
+                               "memory_mb": a.memory, "root_gb": a.root_gb,
+                               "ephemeral_gb": a.ephemeral_gb, "swap_mb": a.swap_mb},
+                    "image": {"id": a.image}}
+        self.api.spawn(self.ctxt, self.host, spec)
+        print(f"spawn of {spec['uuid']} sent to {self.host} "
+              f"(request {self.ctxt.request_id})", file=sys.stderr)
+        if not a.wait:
+            print(spec["uuid"])
+            return 0
+        return self._report(self.wait(spec["uuid"], "spawn"))
+
+    def delete(self) -> int:
+        self.api.delete(self.ctxt, self.host, self.args.uuid)
+        if not self.args.wait:
+            return 0
+        inst = self.wait(self.args.uuid, "delete")
+        return self._report(inst)
+
+    def list(self) -> int:
+        rows = [_summary(i) for i in self.api.list_instances(self.ctxt, self.host,
+                                                             self.args.all)]
+        _emit(self.args, rows, ["uuid", "name", "vm_state", "task_state", "power_state",
+                                "flavor", "image"])
+        return 0
+
+    def show(self) -> int:
+        inst = self.api.get_instance(self.ctxt, self.host, self.args.uuid)
+        ops = self.api.get_operations(self.ctxt, self.host, self.args.uuid, limit=5)
+        if self.args.format == "json":
+            _emit(self.args, dict(inst, operations=ops))
+            return 0
+        _emit(self.args, _summary(inst, full=True))
+        for op in ops:
+            print(f"\n{op['name']} [{op['status']}] request {op['request_id']} "
+                  f"{op['started_at']} -> {op['finished_at'] or '...'}"
+                  + (f": {op['message']}" if op["message"] else ""))
+            for s in op["steps"]:
+                print(f"    {s['name']:<18} {s['status']:<8} {s['started_at']}"
+                      + (f"  {s['message']}" if s["message"] else ""))
+        return 0
+
+    def console_log(self) -> int:
+        print(self.api.get_console_output(self.ctxt, self.host, self.args.uuid,
+                                          self.args.lines))
+        return 0
+
+    def host_status(self) -> int:
+        _emit(self.args, self.api.get_host_status(self.ctxt, self.host))
+        return 0
+
+
+def _summary(inst: dict, full: bool = False) -> dict:
+    out = {k: inst[k] for k in ("uuid", "name", "host", "vm_state", "task_state",
+                                "power_state")}
+    flavor = inst["flavor"]
+    out["flavor"] = (f"{flavor['name']} ({flavor['vcpus']} vcpu, {flavor['memory_mb']} MiB, "
+                     f"{flavor['root_gb']} GiB)")
+    out["image"] = (inst.get("image") or {}).get("id")
+    if full:
+        out.update({k: inst[k] for k in ("created_at", "updated_at", "launched_at",
+                                         "progress")})
+        f = inst.get("fault")
+        out["fault"] = f"{f['operation']}/{f['step']}: {f['message']}" if f else None
+    return out
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="compute-agent-ctl", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config-file", action="append", default=[],
+                   help="agent config file(s); default: the usual oslo.config locations")
+    p.add_argument("--host", help="agent to talk to (default: [DEFAULT] host)")
+    p.add_argument("-f", "--format", choices=["table", "json"], default="table")
+    p.add_argument("--timeout", type=int, default=60, help="RPC call timeout (s)")
+    p.add_argument("--wait-timeout", type=int, default=600,
+                   help="how long --wait follows a task (s)")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    b = sub.add_parser("boot", help="spawn an instance")
+    b.add_argument("--name", default="instance")
+    b.add_argument("--image")
+    b.add_argument("--uuid")
+    b.add_argument("--flavor-name", default="custom")
+    b.add_argument("--vcpus", type=int, default=1)
+    b.add_argument("--memory", type=int, default=256, help="MiB")
+    b.add_argument("--root-gb", type=int, default=1)
+    b.add_argument("--ephemeral-gb", type=int, default=0)
+    b.add_argument("--swap-mb", type=int, default=0)
+    b.add_argument("--spec", help="a JSON instance spec file instead of the options")
+    b.add_argument("--wait", action="store_true", help="follow the spawn to its end")
+
+    d = sub.add_parser("delete", help="delete an instance")
+    d.add_argument("uuid")
+    d.add_argument("--wait", action="store_true")
+
+    ls = sub.add_parser("list", help="list instances")
+    ls.add_argument("--all", action="store_true", help="include deleted instances")
+
+    s = sub.add_parser("show", help="an instance and its recent operations")
+    s.add_argument("uuid")
+
+    c = sub.add_parser("console-log", help="tail of the serial console")
+    c.add_argument("uuid")
+    c.add_argument("--lines", type=int, default=50)
+
+    sub.add_parser("host-status", help="capacity and usage of the host")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    conf_args = []
+    for path in args.config_file:
+        conf_args += ["--config-file", path]
+    CONF(conf_args, project="compute-agent")
+    if args.command == "boot" and not args.spec and not args.image:
+        print("boot needs --image or --spec", file=sys.stderr)
+        return 2
+    try:
+        return getattr(Ctl(args), args.command.replace("-", "_"))()
+    except (exception.ComputeAgentError, cfg.Error) as exc:
+        print(f"ERROR: {exc}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # RemoteError, MessagingTimeout: say what and where
+        print(f"ERROR: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

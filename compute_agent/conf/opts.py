@@ -1,0 +1,76 @@
+"""Option definitions, grouped as they appear in compute-agent.conf.
+
+``list_opts`` is the entry point oslo-config-generator uses to write
+etc/compute-agent/compute-agent.conf.sample.
+"""
+
+import socket
+
+from oslo_config import cfg
+
+default_opts = [
+    cfg.StrOpt("host", default=socket.gethostname(), sample_default="<hostname>",
+               help="Name of this hypervisor host. It is the RPC server name the "
+                    "API/scheduler addresses casts and calls to, so it must be "
+                    "unique among the agents sharing one message bus."),
+    cfg.StrOpt("instances_path", default="/var/lib/compute-agent/instances",
+               help="Where instance directories and the _base image cache live. "
+                    "Must be traversable by the QEMU user (libvirt-qemu)."),
+    cfg.StrOpt("state_path", default="/var/lib/compute-agent/state",
+               help="Where the agent keeps its own database (instances and the "
+                    "journal of operation steps) and its lock files."),
+    cfg.IntOpt("state_sync_interval", default=60, min=0,
+               help="Seconds between periodic power-state syncs with libvirt "
+                    "(0 disables). Lifecycle events update states at once; the "
+                    "sync catches anything missed."),
+    cfg.IntOpt("max_concurrent_disk_ops", default=2, min=0,
+               help="How many disk-heavy operations (image fetch and convert) may "
+                    "run at once on this host; 0 means unlimited."),
+    cfg.IntOpt("graceful_shutdown_timeout", default=60, min=0,
+               help="On SIGTERM, seconds to wait for running operations to reach "
+                    "the end before the agent exits anyway."),
+]
+
+libvirt_opts = [
+    cfg.StrOpt("connection_uri", default="qemu:///system",
+               help="libvirt connection URI of the local hypervisor."),
+    cfg.StrOpt("virt_type", default="kvm", choices=["kvm", "qemu"],
+               help="Domain type: kvm (hardware accelerated) or qemu (TCG "
+                    "emulation, for hosts where KVM cannot run the guest OS)."),
+    cfg.StrOpt("cpu_mode", choices=["none", "host-model", "host-passthrough"],
+               help="Guest CPU model. Unset means host-model for kvm and none for "
+                    "qemu (TCG's default CPU)."),
+    cfg.StrOpt("disk_cachemode", default="none",
+               choices=["none", "writeback", "writethrough", "unsafe"],
+               help="QEMU cache mode for instance disks. 'none' (O_DIRECT) needs a "
+                    "filesystem that supports O_DIRECT (not tmpfs)."),
+    cfg.IntOpt("machine_memory_reserved_mb", default=512, min=0,
+               help="Host memory kept back from guests when reporting capacity."),
+]
+
+image_opts = [
+    cfg.StrOpt("backend", default="local", choices=["local"],
+               help="Image service: 'local' reads images from local_image_dir."),
+    cfg.StrOpt("local_image_dir", default="/var/lib/compute-agent/images",
+               help="Directory of the local image service: <id> holds the image "
+                    "data, <id>.json its record ({\"disk_format\": \"raw\"|\"qcow2\", "
+                    "\"name\": ...})."),
+    cfg.ListOpt("allowed_disk_formats", default=["raw", "qcow2"],
+                help="Image disk formats the agent accepts; anything else is refused "
+                     "before qemu-img reads it."),
+    cfg.IntOpt("qemu_img_cpu_time", default=30, min=1,
+               help="CPU-seconds limit for each qemu-img run on image data."),
+    cfg.IntOpt("qemu_img_address_space_mb", default=1024, min=64,
+               help="Address-space limit (MiB) for each qemu-img run on image data."),
+    cfg.IntOpt("min_free_disk_mb", default=256, min=0,
+               help="Free space, beyond what an operation needs, that must remain "
+                    "on instances_path after an image fetch or conversion."),
+]
+
+
+def list_opts():
+    return [
+        ("DEFAULT", default_opts),
+        ("libvirt", libvirt_opts),
+        ("image", image_opts),
+    ]

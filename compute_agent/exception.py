@@ -1,0 +1,94 @@
+"""One exception hierarchy for the whole agent.
+
+Every error carries a message an operator can act on. The classes travel over
+RPC: oslo.messaging rebuilds them on the client side (the client allows this
+module in ``allowed_remote_exmods``), so a caller sees ``InvalidSpec`` rather
+than a generic RemoteError.
+"""
+
+
+class ComputeAgentError(Exception):
+    """Base class. Subclasses set ``msg_fmt``, formatted with the kwargs."""
+
+    msg_fmt = "An unknown error occurred."
+
+    def __init__(self, message: str | None = None, **kwargs):
+        self.kwargs = kwargs
+        if message is None:
+            try:
+                message = self.msg_fmt % kwargs
+            except (KeyError, TypeError):
+                message = f"{self.msg_fmt} ({kwargs})"
+        self.message = message
+        super().__init__(message)
+
+    def __str__(self) -> str:
+        return self.message
+
+
+# --- requests the agent refuses -------------------------------------------
+
+class Invalid(ComputeAgentError):
+    msg_fmt = "Invalid request: %(reason)s"
+
+
+class InvalidSpec(Invalid):
+    msg_fmt = "Invalid instance spec: field '%(field)s' %(reason)s"
+
+
+class InvalidArgument(Invalid):
+    msg_fmt = "Invalid argument '%(name)s': %(reason)s"
+
+
+class InvalidState(Invalid):
+    msg_fmt = ("Cannot %(action)s instance %(uuid)s while vm_state=%(vm_state)s "
+               "task_state=%(task_state)s")
+
+
+class InstanceExists(Invalid):
+    msg_fmt = "Instance %(uuid)s already exists on this host"
+
+
+class NotSupported(Invalid):
+    msg_fmt = "%(what)s is not supported by this agent yet"
+
+
+class NotFound(ComputeAgentError):
+    msg_fmt = "Not found: %(what)s"
+
+
+class InstanceNotFound(NotFound):
+    msg_fmt = "Instance %(uuid)s is not known to this host"
+
+
+class ImageNotFound(NotFound):
+    msg_fmt = "Image %(image_id)s was not found in the image service"
+
+
+# --- images ----------------------------------------------------------------
+
+class ImageUnacceptable(Invalid):
+    msg_fmt = "Image %(image_id)s is unacceptable: %(reason)s"
+
+
+class ImageFetchFailed(ComputeAgentError):
+    msg_fmt = "Fetching image %(image_id)s failed: %(reason)s"
+
+
+# --- the host --------------------------------------------------------------
+
+class InsufficientDiskSpace(ComputeAgentError):
+    msg_fmt = ("Not enough free space on %(path)s for %(purpose)s: need %(needed_mb)d MiB, "
+               "%(free_mb)d MiB free")
+
+
+class HypervisorUnavailable(ComputeAgentError):
+    msg_fmt = "Cannot reach the hypervisor at %(uri)s: %(reason)s"
+
+
+class HypervisorError(ComputeAgentError):
+    msg_fmt = "libvirt %(call)s failed: %(reason)s"
+
+
+class CommandFailed(ComputeAgentError):
+    msg_fmt = "%(cmd)s failed (exit %(exit_code)s): %(stderr)s"

@@ -1,0 +1,130 @@
+"""The per-host image cache: ``_base/<sha1(image_id)>``, one raw file per image.
+
+A fetch streams the image into a temporary file inside ``_base`` while hashing
+it, inspects it, converts it to raw if needed and renames it into place: the
+final name only ever holds a complete, verified, raw image. One fetch per image
+per host: an inter-process lock per image makes concurrent spawns of the same
+image wait for a single download, while other images are not blocked.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import threading
+
+from oslo_concurrency import lockutils
+from oslo_log import log as logging
+
+from compute_agent import exception, qemu_img
+from compute_agent.image import inspector
+from compute_agent.image.service import ImageService
+
+LOG = logging.getLogger(__name__)
+MiB = 1024 * 1024
+
+
+def base_name(image_id: str) -> str:
+    return hashlib.sha1(image_id.encode()).hexdigest()
+
+
+def check_free_space(path: str, needed_bytes: int, purpose: str, reserve_mb: int) -> None:
+    st = os.statvfs(path)
+    free = st.f_bavail * st.f_frsize
+    if free < needed_bytes + reserve_mb * MiB:
+        raise exception.InsufficientDiskSpace(
+            path=path, purpose=purpose, needed_mb=needed_bytes // MiB + reserve_mb,
+            free_mb=free // MiB)
+
+
+class ImageCache:
+    def __init__(self, conf, image_service: ImageService):
+        self.conf = conf
+        self.images = image_service
+        self.base_dir = os.path.join(conf.instances_path, "_base")
+        self.lock_path = os.path.join(conf.state_path, "locks")
+        limit = conf.max_concurrent_disk_ops
+        self._disk_ops = (threading.BoundedSemaphore(limit) if limit
+                          else contextlib.nullcontext())
+        os.makedirs(self.base_dir, mode=0o755, exist_ok=True)
+        os.makedirs(self.lock_path, mode=0o700, exist_ok=True)
+
+    def path_for(self, image_id: str) -> str:
+        return os.path.join(self.base_dir, base_name(image_id))
+
+    def ensure(self, image_id: str) -> str:
+        """Return the path of the raw base file, fetching it if missing."""
+        path = self.path_for(image_id)
+        if os.path.exists(path):
+            return path
+        with lockutils.lock("image-" + base_name(image_id), external=True,
+                            lock_path=self.lock_path):
+            if os.path.exists(path):  # another spawn fetched it while we waited
+                LOG.debug("Image %s was fetched by a concurrent request", image_id)
+                return path
+            with self._disk_ops:
+                self._fetch(image_id, path)
+        return path
+
+    def _fetch(self, image_id: str, path: str) -> None:
+        meta = self.images.show(image_id)
+        reserve = self.conf.image.min_free_disk_mb
+        check_free_space(self.base_dir, meta.size or 0, f"downloading image {image_id}",
+                         reserve)
+        tmp = f"{path}.part-{os.getpid()}-{threading.get_ident()}"
+        raw_tmp = tmp + ".raw"
+        try:
+            self._download(meta, tmp)
+            info = inspector.inspect(tmp, image_id, meta.disk_format,
+                                     self.conf.image.allowed_disk_formats)
+            if meta.disk_format != "raw":
+                check_free_space(self.base_dir, info.virtual_size,
+                                 f"converting image {image_id} to raw", reserve)
+                qemu_img.convert_to_raw(tmp, meta.disk_format, raw_tmp)
+                os.unlink(tmp)
+                tmp = raw_tmp
+            os.chmod(tmp, 0o644)
+            os.rename(tmp, path)
+            LOG.info("Cached image %s (%s, %d bytes virtual) as %s", image_id,
+                     meta.disk_format, info.virtual_size, path)
+        finally:
+            for leftover in (tmp, raw_tmp):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(leftover)
+
+    def _download(self, meta, dest: str) -> None:
+        hasher = hashlib.new(meta.hash_algo) if meta.hash_algo else None
+        size = 0
+        try:
+            with open(dest, "xb") as f:
+                for chunk in self.images.download(meta.id):
+                    f.write(chunk)
+                    size += len(chunk)
+                    if hasher:
+                        hasher.update(chunk)
+                f.flush()
+                os.fsync(f.fileno())
+        except exception.ComputeAgentError:
+            raise
+        except Exception as exc:
+            raise exception.ImageFetchFailed(image_id=meta.id, reason=str(exc)) from exc
+        if meta.size is not None and size != meta.size:
+            raise exception.ImageFetchFailed(
+                image_id=meta.id, reason=f"got {size} bytes, the record says {meta.size}")
+        if hasher and hasher.hexdigest() != meta.hash_value:
+            raise exception.ImageFetchFailed(
+                image_id=meta.id,
+                reason=f"{meta.hash_algo} of the data is {hasher.hexdigest()}, the record "
+                       f"says {meta.hash_value}")
+
+    def usage(self) -> tuple[int, int]:
+        """(bytes allocated, number of files) in _base."""
+        total = files = 0
+        with os.scandir(self.base_dir) as it:
+            for entry in it:
+                if entry.is_file(follow_symlinks=False):
+                    total += entry.stat().st_blocks * 512
+                    files += 1
+        return total, files
+

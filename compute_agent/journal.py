@@ -1,0 +1,63 @@
+"""Step-by-step record of one operation, handed down to the driver.
+
+    with journal.step("create_disks"):
+        ...
+
+Each step is written to the store when it starts and when it ends, and logged,
+so an operator (``compute-agent-ctl show``) and the start-up reconciliation can
+see exactly how far an operation got.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+
+from oslo_log import log as logging
+
+LOG = logging.getLogger(__name__)
+
+
+class Journal:
+    def __init__(self, store, op_id: int, operation: str):
+        self._store = store
+        self.op_id = op_id
+        self.operation = operation
+        self.current_step: str | None = None
+        self.completed: list[str] = []
+
+    @contextlib.contextmanager
+    def step(self, name: str) -> Iterator[None]:
+        seq = self._store.start_step(self.op_id, name)
+        self.current_step = name
+        started = time.monotonic()
+        LOG.debug("%s: step %s started", self.operation, name)
+        try:
+            yield
+        except BaseException as exc:
+            self._store.finish_step(self.op_id, seq, "failed", str(exc) or type(exc).__name__)
+            LOG.debug("%s: step %s failed after %.3fs: %s", self.operation, name,
+                      time.monotonic() - started, exc)
+            raise
+        self._store.finish_step(self.op_id, seq, "done")
+        self.completed.append(name)
+        self.current_step = None
+        LOG.debug("%s: step %s done in %.3fs", self.operation, name, time.monotonic() - started)
+
+
+class NullJournal(Journal):
+    """For driver calls made outside any operation (e.g. from tests)."""
+
+    def __init__(self, operation: str = "adhoc"):
+        self.op_id = 0
+        self.operation = operation
+        self.current_step = None
+        self.completed = []
+
+    @contextlib.contextmanager
+    def step(self, name: str) -> Iterator[None]:
+        self.current_step = name
+        yield
+        self.completed.append(name)
+        self.current_step = None

@@ -1,0 +1,287 @@
+"""ComputeManager: the RPC endpoint.
+
+It validates requests, moves the state machine, serialises operations per
+instance, journals each step, sends lifecycle notifications and calls the
+driver. It knows nothing of libvirt.
+
+Every operation has the same shape (``_operation``): accept or refuse under
+the state lock (a refusal is journalled and changes nothing), then run under
+the instance's lock with a journal the driver writes steps into; a failure
+puts the instance in error with a fault naming the step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator
+
+import oslo_messaging as messaging
+from oslo_concurrency import lockutils
+from oslo_context import context as o_context
+from oslo_log import log as logging
+
+from compute_agent import exception, objects, states
+from compute_agent.image.service import ImageService
+from compute_agent.journal import Journal
+from compute_agent.store import Store, now
+from compute_agent.virt.driver import ComputeDriver
+
+LOG = logging.getLogger(__name__)
+
+RPC_API_VERSION = "1.0"
+
+# Errors that are answers (not found, refused), not agent failures: oslo.messaging
+# returns them to the caller without logging a traceback.
+_expected = messaging.expected_exceptions(exception.ComputeAgentError)
+
+
+class ComputeManager:
+    target = messaging.Target(version=RPC_API_VERSION)
+
+    def __init__(self, conf, store: Store, driver: ComputeDriver, images: ImageService,
+                 notifier: messaging.Notifier | None = None):
+        self.conf = conf
+        self.host = conf.host
+        self.store = store
+        self.driver = driver
+        self.images = images
+        self.notifier = notifier
+        # Guards accept-or-refuse (read states, set task_state) across threads.
+        self._state_lock = threading.Lock()
+
+    # --- start-up ------------------------------------------------------------
+
+    def init_host(self) -> None:
+        self.driver.init_host(self._on_power_state)
+        self.reconcile()
+        self.sync_power_states()
+
+    def reconcile(self) -> None:
+        """Finish, roll back or fail every operation a previous run left open.
+
+        Disks are never removed here unless the interrupted operation was a
+        delete, which is simply finished."""
+        for op in self.store.operations(status="running", limit=10000):
+            ctxt = o_context.RequestContext(request_id=op.request_id, overwrite=True,
+                                            resource_uuid=op.instance_uuid)
+            step = op.last_step.name if op.last_step else "start"
+            reason = f"agent restarted during {op.name} (at step {step})"
+            self.store.finish_operation(op.id, "interrupted", reason)
+            try:
+                inst = self.store.get_instance(op.instance_uuid)
+            except exception.InstanceNotFound:
+                continue
+            LOG.warning("Reconciling: %s", reason)
+            if op.name == "delete":
+                self._run(ctxt, inst, "delete", self._do_delete, resumed=True)
+                continue
+            power = self._power_state(inst)
+            if op.name == "spawn" and power == states.RUNNING:
+                self.store.update_instance(inst.uuid, vm_state=states.ACTIVE, task_state=None,
+                                           power_state=power, launched_at=now())
+                LOG.info("Spawn had completed before the restart; instance is active")
+                continue
+            self.store.update_instance(
+                inst.uuid, vm_state=states.ERROR, task_state=None, power_state=power,
+                fault=objects.Fault(op.name, step, reason, now()))
+
+    # --- power states ----------------------------------------------------------
+
+    def _on_power_state(self, uuid: str, power_state: str) -> None:
+        try:
+            inst = self.store.get_instance(uuid)
+        except exception.InstanceNotFound:
+            return
+        if inst.power_state != power_state:
+            LOG.debug("Lifecycle event: power_state %s -> %s", inst.power_state, power_state,
+                      instance_uuid=uuid)
+            self.store.update_instance(uuid, power_state=power_state)
+
+    def sync_power_states(self) -> None:
+        """One bulk query for all domains; fix records that drifted. Domains
+        this agent does not know are reported, never touched."""
+        actual = self.driver.all_power_states()
+        known = set()
+        for inst in self.store.list_instances():
+            if inst.vm_state == states.DELETED:
+                continue
+            known.add(inst.uuid)
+            power = actual.get(inst.uuid, states.NOSTATE)
+            if power != inst.power_state and inst.task_state is None:
+                LOG.info("Power state sync: %s -> %s", inst.power_state, power,
+                         instance_uuid=inst.uuid)
+                self.store.update_instance(inst.uuid, power_state=power)
+        for uuid in set(actual) - known:
+            LOG.debug("Domain %s is not managed by this agent; leaving it alone", uuid)
+
+    def _power_state(self, inst: objects.Instance) -> str:
+        try:
+            return self.driver.power_state(inst)
+        except exception.ComputeAgentError as exc:
+            LOG.warning("Could not read power state: %s", exc, instance_uuid=inst.uuid)
+            return states.NOSTATE
+
+    # --- the shape of every operation ----------------------------------------
+
+    def _refuse(self, ctxt, uuid: str, action: str, exc: Exception) -> None:
+        LOG.warning("Refused %s: %s", action, exc)
+        self.store.start_operation(str(uuid)[:64], action, ctxt.request_id, status="refused",
+                                   message=str(exc))
+        self._notify(ctxt, action, "error", {"uuid": uuid, "message": str(exc)})
+
+    def _accept(self, ctxt, uuid: str, action: str) -> objects.Instance:
+        with self._state_lock:
+            inst = self.store.get_instance(uuid)
+            if not states.check_allowed(action, inst.vm_state, inst.task_state):
+                raise exception.InvalidState(action=action, uuid=uuid, vm_state=inst.vm_state,
+                                             task_state=inst.task_state)
+            return self.store.update_instance(uuid, task_state=states.task_state_for(action))
+
+    def _run(self, ctxt, inst: objects.Instance, action: str, body, resumed: bool = False):
+        """Run ``body(inst, journal)`` under the instance lock, journalled."""
+        op_id = self.store.start_operation(inst.uuid, action, ctxt.request_id)
+        journal = Journal(self.store, op_id, action)
+        self._notify(ctxt, action, "start", inst.to_dict())
+        LOG.info("%s%s started", action, " (resumed)" if resumed else "")
+        with lockutils.lock("instance-" + inst.uuid):
+            try:
+                result = body(inst, journal)
+            except Exception as exc:
+                message = str(exc) or type(exc).__name__
+                LOG.error("%s failed at step %s: %s", action, journal.current_step, message,
+                          exc_info=not isinstance(exc, exception.ComputeAgentError))
+                failed = self.store.update_instance(
+                    inst.uuid, vm_state=states.ERROR, task_state=None,
+                    power_state=self._power_state(inst),
+                    fault=objects.Fault(action, journal.current_step, message, now()))
+                self.store.finish_operation(op_id, "failed", message)
+                self._notify(ctxt, action, "error", dict(failed.to_dict(), message=message))
+                return None
+        self.store.finish_operation(op_id, "done")
+        LOG.info("%s finished", action)
+        self._notify(ctxt, action, "end", self._current(inst.uuid))
+        return result
+
+    def _current(self, uuid: str) -> dict:
+        with contextlib.suppress(exception.InstanceNotFound):
+            return self.store.get_instance(uuid).to_dict()
+        return {"uuid": uuid}
+
+    def _notify(self, ctxt, action: str, phase: str, payload: dict) -> None:
+        if self.notifier is None:
+            return
+        event = f"compute.instance.{action}.{phase}"
+        try:
+            if phase == "error":
+                self.notifier.error(ctxt, event, payload)
+            else:
+                self.notifier.info(ctxt, event, payload)
+        except Exception:  # a notification is never worth failing an operation
+            LOG.exception("Could not send notification %s", event)
+        finally:
+            # The notifier copies the context and the copy replaces ours in the
+            # thread-local store that oslo.log reads: put ours (with the
+            # instance uuid) back.
+            ctxt.update_store()
+
+    @contextlib.contextmanager
+    def _context(self, ctxt, uuid: object) -> Iterator[None]:
+        """Put the request id and instance uuid on every log line of this call."""
+        ctxt = ctxt or o_context.RequestContext()
+        if isinstance(uuid, str):
+            ctxt.resource_uuid = uuid[:64]
+        ctxt.update_store()
+        yield
+
+    # --- RPC: spawn and delete ---------------------------------------------------
+
+    def spawn(self, ctxt, instance: dict) -> None:
+        uuid = instance.get("uuid") if isinstance(instance, dict) else None
+        with self._context(ctxt, uuid):
+            try:
+                spec = objects.InstanceSpec.from_dict(instance)
+                inst = objects.Instance(spec=spec, host=self.host, vm_state=states.BUILDING,
+                                        task_state=states.SPAWNING)
+                self._check_supported(spec)
+                self.store.create_instance(inst)
+            except exception.Invalid as exc:
+                self._refuse(ctxt, uuid, "spawn", exc)
+                return
+            self._run(ctxt, inst, "spawn", self._do_spawn)
+
+    @staticmethod
+    def _check_supported(spec: objects.InstanceSpec) -> None:
+        if spec.networks:
+            raise exception.NotSupported(what="Attaching networks (spec field 'networks')")
+        if spec.block_devices:
+            raise exception.NotSupported(what="Volumes (spec field 'block_devices')")
+
+    def _do_spawn(self, inst: objects.Instance, journal: Journal) -> None:
+        with journal.step("check_image"):
+            self.images.show(inst.spec.image_id)
+        self.driver.spawn(inst, journal)
+        self.store.update_instance(inst.uuid, vm_state=states.ACTIVE, task_state=None,
+                                   power_state=self._power_state(inst), launched_at=now())
+
+    def delete(self, ctxt, uuid: str) -> None:
+        with self._context(ctxt, uuid):
+            try:
+                objects.validate_uuid(uuid)
+                inst = self._accept(ctxt, uuid, "delete")
+            except (exception.Invalid, exception.NotFound) as exc:
+                self._refuse(ctxt, uuid, "delete", exc)
+                return
+            self._run(ctxt, inst, "delete", self._do_delete)
+
+    def _do_delete(self, inst: objects.Instance, journal: Journal) -> None:
+        self.driver.destroy(inst, journal)
+        self.store.update_instance(inst.uuid, vm_state=states.DELETED, task_state=None,
+                                   power_state=states.NOSTATE)
+
+    # --- RPC: queries ------------------------------------------------------------
+
+    @_expected
+    def get_instance(self, ctxt, uuid: str) -> dict:
+        with self._context(ctxt, uuid):
+            return self.store.get_instance(objects.validate_uuid(uuid)).to_dict()
+
+    @_expected
+    def list_instances(self, ctxt, include_deleted: bool = False) -> list[dict]:
+        with self._context(ctxt, None):
+            return [i.to_dict() for i in self.store.list_instances()
+                    if include_deleted or i.vm_state != states.DELETED]
+
+    @_expected
+    def get_operations(self, ctxt, uuid: str, limit: int = 10) -> list[dict]:
+        with self._context(ctxt, uuid):
+            if not isinstance(limit, int) or not 1 <= limit <= 1000:
+                raise exception.InvalidArgument(name="limit", reason="must be 1..1000")
+            return [op.to_dict() for op in self.store.operations(uuid=str(uuid)[:64],
+                                                                   limit=limit)]
+
+    @_expected
+    def get_console_output(self, ctxt, uuid: str, lines: int = 100) -> str:
+        with self._context(ctxt, uuid):
+            if not isinstance(lines, int) or not 1 <= lines <= 10000:
+                raise exception.InvalidArgument(name="lines", reason="must be 1..10000")
+            inst = self.store.get_instance(objects.validate_uuid(uuid))
+            return self.driver.console_output(inst, lines)
+
+    @_expected
+    def get_host_status(self, ctxt) -> dict:
+        with self._context(ctxt, None):
+            stats = self.driver.host_stats()
+            live = [i for i in self.store.list_instances() if i.vm_state != states.DELETED]
+            by_state: dict[str, int] = {}
+            for i in live:
+                by_state[i.vm_state] = by_state.get(i.vm_state, 0) + 1
+            return {
+                **vars(stats),
+                "instances": len(live),
+                "instances_by_vm_state": by_state,
+                "vcpus_used": sum(i.spec.flavor.vcpus for i in live),
+                "memory_mb_used": sum(i.spec.flavor.memory_mb for i in live),
+                "root_gb_used": sum(i.spec.flavor.root_gb for i in live),
+                "libvirt_connected": self.driver.is_connected(),
+            }

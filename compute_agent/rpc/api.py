@@ -1,0 +1,64 @@
+"""The client side of the compute RPC API, for an API service, a scheduler or
+compute-agent-ctl. Each method addresses one host's agent.
+
+Long operations are casts; follow them with ``get_instance`` (vm_state,
+task_state, power_state, fault) or the ``compute.instance.*`` notifications.
+Specs are validated here before they are sent, with the same validator the
+agent uses, so a bad field is reported at once to the caller.
+"""
+
+from __future__ import annotations
+
+import oslo_messaging as messaging
+from oslo_context import context as o_context
+
+from compute_agent import objects, rpc
+from compute_agent.manager import RPC_API_VERSION
+
+
+class ComputeAPI:
+    def __init__(self, transport: messaging.Transport, timeout: int = 60):
+        self._target = messaging.Target(topic=rpc.TOPIC, version=RPC_API_VERSION)
+        self._client = messaging.get_rpc_client(transport, self._target, timeout=timeout,
+                                                serializer=rpc.ContextSerializer())
+
+    def _prepare(self, host: str, timeout: int | None = None, retry: int | None = None):
+        kw = {"server": host}
+        if timeout is not None:
+            kw["timeout"] = timeout
+        if retry is not None:
+            kw["retry"] = retry
+        return self._client.prepare(**kw)
+
+    @staticmethod
+    def new_context() -> o_context.RequestContext:
+        return o_context.RequestContext(overwrite=False)
+
+    # casts ---------------------------------------------------------------------
+
+    def spawn(self, ctxt, host: str, instance: dict, validate: bool = True) -> None:
+        if validate:
+            objects.InstanceSpec.from_dict(instance)
+        self._prepare(host).cast(ctxt, "spawn", instance=instance)
+
+    def delete(self, ctxt, host: str, uuid: str) -> None:
+        self._prepare(host).cast(ctxt, "delete", uuid=uuid)
+
+    # calls ---------------------------------------------------------------------
+
+    def get_instance(self, ctxt, host: str, uuid: str) -> dict:
+        return self._prepare(host).call(ctxt, "get_instance", uuid=uuid)
+
+    def list_instances(self, ctxt, host: str, include_deleted: bool = False) -> list[dict]:
+        return self._prepare(host).call(ctxt, "list_instances",
+                                        include_deleted=include_deleted)
+
+    def get_operations(self, ctxt, host: str, uuid: str, limit: int = 10) -> list[dict]:
+        return self._prepare(host).call(ctxt, "get_operations", uuid=uuid, limit=limit)
+
+    def get_console_output(self, ctxt, host: str, uuid: str, lines: int = 100) -> str:
+        return self._prepare(host).call(ctxt, "get_console_output", uuid=uuid, lines=lines)
+
+    def get_host_status(self, ctxt, host: str, timeout: int | None = None,
+                        retry: int | None = None) -> dict:
+        return self._prepare(host, timeout, retry).call(ctxt, "get_host_status")

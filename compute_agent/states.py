@@ -1,0 +1,44 @@
+"""Instance states (Nova's names) and which operation may start from which.
+
+An operation is allowed when the instance has no task in progress and its
+vm_state is one of the states listed for that operation. Anything else is
+refused with the current states named, and nothing is changed.
+"""
+
+# vm_state
+BUILDING = "building"
+ACTIVE = "active"
+STOPPED = "stopped"
+SUSPENDED = "suspended"
+RESIZED = "resized"
+ERROR = "error"
+DELETED = "deleted"
+
+# task_state
+SPAWNING = "spawning"
+DELETING = "deleting"
+
+# power_state
+NOSTATE = "nostate"
+RUNNING = "running"
+PAUSED = "paused"
+SHUTDOWN = "shutdown"
+CRASHED = "crashed"
+SUSPENDED_POWER = "suspended"
+
+# operation -> (vm_states it may start from, task_state while it runs)
+ALLOWED = {
+    "delete": ({BUILDING, ACTIVE, STOPPED, SUSPENDED, RESIZED, ERROR}, DELETING),
+}
+
+
+def check_allowed(action: str, vm_state: str, task_state: str | None) -> bool:
+    vm_states, _ = ALLOWED[action]
+    if action == "delete" and vm_state == ERROR:
+        # An instance in error may be deleted whatever task it was stuck in.
+        return True
+    return task_state is None and vm_state in vm_states
+
+
+def task_state_for(action: str) -> str:
+    return ALLOWED[action][1]

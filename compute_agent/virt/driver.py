@@ -1,0 +1,49 @@
+"""The interface the manager drives. It speaks in instances, never in libvirt."""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable
+
+from compute_agent.journal import Journal
+from compute_agent.objects import HostStats, Instance
+
+# (instance uuid, new power_state)
+PowerStateHandler = Callable[[str, str], None]
+
+
+class ComputeDriver(abc.ABC):
+    @abc.abstractmethod
+    def init_host(self, on_power_state: PowerStateHandler) -> None:
+        """Connect to the hypervisor; report power-state changes to the handler."""
+
+    @abc.abstractmethod
+    def spawn(self, instance: Instance, journal: Journal) -> None:
+        """Create disks, define and start the guest. On failure, remove
+        everything this call created and raise."""
+
+    @abc.abstractmethod
+    def destroy(self, instance: Instance, journal: Journal) -> None:
+        """Stop and undefine the guest and remove its directory. Idempotent."""
+
+    @abc.abstractmethod
+    def power_state(self, instance: Instance) -> str:
+        """The guest's power_state now ('nostate' when it has no domain)."""
+
+    @abc.abstractmethod
+    def all_power_states(self) -> dict[str, str]:
+        """uuid -> power_state for every guest on the hypervisor, in one call."""
+
+    @abc.abstractmethod
+    def console_output(self, instance: Instance, lines: int) -> str:
+        """The last ``lines`` lines of the guest's serial console."""
+
+    @abc.abstractmethod
+    def host_stats(self) -> HostStats:
+        """Capacity and usage of this host."""
+
+    def is_connected(self) -> bool:
+        return True
+
+    def cleanup_host(self) -> None:  # noqa: B027 - optional hook
+        """Release connections on shutdown."""

@@ -1,0 +1,138 @@
+"""Typed libvirt domain configuration, rendered to XML with lxml.
+
+The driver fills a ``GuestConfig`` from the instance; ``to_xml`` turns it into
+the domain XML that is defined from memory. Values go into the tree as element
+text and attributes through lxml, which escapes them: nothing is pasted into an
+XML string. ``parse_disks`` reads back what the driver needs from a live
+domain's XML.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from lxml import etree
+
+METADATA_NS = "https://compute-agent.invalid/xmlns/instance/1.0"
+
+
+@dataclass
+class GuestDisk:
+    path: str
+    target_dev: str
+    driver_format: str = "qcow2"
+    bus: str = "virtio"
+    cache: str = "none"
+    device: str = "disk"
+
+
+@dataclass
+class GuestSerialLog:
+    path: str
+
+
+@dataclass
+class GuestMetadata:
+    name: str
+    flavor_name: str
+    image_id: str | None
+    host: str
+
+
+@dataclass
+class GuestConfig:
+    uuid: str
+    name: str
+    virt_type: str  # kvm | qemu
+    memory_mb: int
+    vcpus: int
+    cpu_mode: str  # none | host-model | host-passthrough
+    metadata: GuestMetadata
+    disks: list[GuestDisk] = field(default_factory=list)
+    serial_log: GuestSerialLog | None = None
+    machine: str = "pc"
+
+
+def _sub(parent: etree._Element, tag: str, text: str | None = None, **attrs) -> etree._Element:
+    el = etree.SubElement(parent, tag, {k.rstrip("_"): str(v) for k, v in attrs.items()})
+    if text is not None:
+        el.text = str(text)
+    return el
+
+
+def to_xml(cfg: GuestConfig) -> str:
+    dom = etree.Element("domain", type=cfg.virt_type)
+    _sub(dom, "name", cfg.name)
+    _sub(dom, "uuid", cfg.uuid)
+    _sub(dom, "title", cfg.metadata.name)
+    _metadata(dom, cfg.metadata)
+    _sub(dom, "memory", cfg.memory_mb * 1024, unit="KiB")
+    _sub(dom, "vcpu", cfg.vcpus)
+
+    os_el = _sub(dom, "os")
+    _sub(os_el, "type", "hvm", arch="x86_64", machine=cfg.machine)
+    _sub(os_el, "boot", dev="hd")
+
+    features = _sub(dom, "features")
+    _sub(features, "acpi")  # ACPI power button (soft shutdown) and PCI hotplug
+    _sub(features, "apic")
+    if cfg.cpu_mode != "none":
+        _sub(dom, "cpu", mode=cfg.cpu_mode)
+    clock = _sub(dom, "clock", offset="utc")
+    _sub(clock, "timer", name="rtc", tickpolicy="catchup")
+    _sub(clock, "timer", name="pit", tickpolicy="delay")
+    _sub(dom, "on_poweroff", "destroy")
+    _sub(dom, "on_reboot", "restart")
+    _sub(dom, "on_crash", "destroy")
+
+    devices = _sub(dom, "devices")
+    for disk in cfg.disks:
+        _disk(devices, disk)
+    if cfg.serial_log:
+        # A file-backed serial port: everything the guest prints on ttyS0 ends
+        # up in console.log (written by virtlogd, appended across restarts).
+        serial = _sub(devices, "serial", type="file")
+        _sub(serial, "source", path=cfg.serial_log.path, append="on")
+        _sub(serial, "target", port=0)
+        console = _sub(devices, "console", type="file")
+        _sub(console, "source", path=cfg.serial_log.path, append="on")
+        _sub(console, "target", type="serial", port=0)
+    _sub(devices, "memballoon", model="virtio")
+    return etree.tostring(dom, pretty_print=True, encoding="unicode")
+
+
+def _metadata(dom: etree._Element, md: GuestMetadata) -> None:
+    meta = _sub(dom, "metadata")
+    ns = f"{{{METADATA_NS}}}"
+    inst = etree.SubElement(meta, ns + "instance", nsmap={"ca": METADATA_NS})
+    _sub(inst, ns + "name", md.name)
+    _sub(inst, ns + "flavor", md.flavor_name)
+    if md.image_id:
+        _sub(inst, ns + "image", md.image_id)
+    _sub(inst, ns + "host", md.host)
+
+
+def _disk(devices: etree._Element, disk: GuestDisk) -> None:
+    el = _sub(devices, "disk", type="file", device=disk.device)
+    _sub(el, "driver", name="qemu", type=disk.driver_format, cache=disk.cache)
+    _sub(el, "source", file=disk.path)
+    _sub(el, "target", dev=disk.target_dev, bus=disk.bus)
+
+
+def parse_disks(xml: str) -> list[GuestDisk]:
+    """The file-backed disks of a domain XML, in order."""
+    root = etree.fromstring(xml.encode())
+    disks = []
+    for el in root.findall("./devices/disk"):
+        source = el.find("source")
+        target = el.find("target")
+        driver = el.find("driver")
+        if source is None or source.get("file") is None or target is None:
+            continue
+        disks.append(GuestDisk(
+            path=source.get("file"), target_dev=target.get("dev"),
+            driver_format=driver.get("type", "raw") if driver is not None else "raw",
+            bus=target.get("bus", "virtio"),
+            cache=driver.get("cache", "default") if driver is not None else "default",
+            device=el.get("device", "disk")))
+    return disks

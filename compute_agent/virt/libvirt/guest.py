@@ -1,0 +1,68 @@
+"""A thin wrapper over one libvirt domain, addressed by UUID.
+
+Each method looks the domain up again through the Host, so a Guest stays
+usable across a libvirt reconnect, and every call is logged and has its
+errors translated in one place (``Host.call``).
+"""
+
+from __future__ import annotations
+
+import libvirt
+
+from compute_agent import states
+
+# libvirt's domain states -> our power_state names
+POWER_STATES = {
+    libvirt.VIR_DOMAIN_NOSTATE: states.NOSTATE,
+    libvirt.VIR_DOMAIN_RUNNING: states.RUNNING,
+    libvirt.VIR_DOMAIN_BLOCKED: states.RUNNING,
+    libvirt.VIR_DOMAIN_PAUSED: states.PAUSED,
+    libvirt.VIR_DOMAIN_SHUTDOWN: states.SHUTDOWN,
+    libvirt.VIR_DOMAIN_SHUTOFF: states.SHUTDOWN,
+    libvirt.VIR_DOMAIN_CRASHED: states.CRASHED,
+    libvirt.VIR_DOMAIN_PMSUSPENDED: states.SUSPENDED_POWER,
+}
+
+
+class Guest:
+    def __init__(self, dom: libvirt.virDomain, host):
+        self.uuid = dom.UUIDString()
+        self.name = dom.name()
+        self._host = host
+
+    def _call(self, what: str, fn):
+        def run(conn):
+            return fn(conn.lookupByUUIDString(self.uuid))
+        return self._host.call(f"{what}({self.name})", run)
+
+    def power_state(self) -> str:
+        state, _ = self._call("state", lambda d: d.state())
+        if state == libvirt.VIR_DOMAIN_SHUTOFF and self.has_managed_save():
+            return states.SUSPENDED_POWER
+        return POWER_STATES.get(state, states.NOSTATE)
+
+    def is_running(self) -> bool:
+        return self._call("isActive", lambda d: d.isActive()) == 1
+
+    def has_managed_save(self) -> bool:
+        return self._call("hasManagedSaveImage", lambda d: d.hasManagedSaveImage(0)) == 1
+
+    def start(self) -> None:
+        self._call("create", lambda d: d.create())
+
+    def destroy(self) -> None:
+        """Stop the QEMU process at once (like pulling the plug). No-op if off."""
+        def fn(d):
+            if d.isActive():
+                d.destroy()
+        self._call("destroy", fn)
+
+    def undefine(self) -> None:
+        """Remove the definition, with any managed-save image and NVRAM."""
+        flags = (libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
+                 | libvirt.VIR_DOMAIN_UNDEFINE_NVRAM
+                 | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA)
+        self._call("undefineFlags", lambda d: d.undefineFlags(flags))
+
+    def xml(self) -> str:
+        return self._call("XMLDesc", lambda d: d.XMLDesc(0))
