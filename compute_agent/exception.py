@@ -53,6 +53,11 @@ class NotSupported(Invalid):
     msg_fmt = "%(what)s is not supported by this agent yet"
 
 
+class SavedStateExists(Invalid):
+    msg_fmt = ("Instance %(uuid)s has saved memory state (managed save); resume it, or "
+               "discard the saved state explicitly with resume(discard_saved_state=True)")
+
+
 class NotFound(ComputeAgentError):
     msg_fmt = "Not found: %(what)s"
 
@@ -80,6 +85,17 @@ class ImageFetchFailed(ComputeAgentError):
 class InsufficientDiskSpace(ComputeAgentError):
     msg_fmt = ("Not enough free space on %(path)s for %(purpose)s: need %(needed_mb)d MiB, "
                "%(free_mb)d MiB free")
+
+
+class DiskMissing(ComputeAgentError):
+    msg_fmt = ("The root disk %(path)s is missing; refusing to recreate it from the image "
+               "(the instance's data would be silently replaced)")
+
+
+class RestoreFailed(ComputeAgentError):
+    msg_fmt = ("Restoring the saved memory state of %(uuid)s failed: %(reason)s. The save "
+               "file is kept; to discard it and cold-boot, resume with "
+               "discard_saved_state=True")
 
 
 class HypervisorUnavailable(ComputeAgentError):

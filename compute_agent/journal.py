@@ -26,6 +26,8 @@ class Journal:
         self.operation = operation
         self.current_step: str | None = None
         self.completed: list[str] = []
+        # A sentence for the operation's record, e.g. how a reboot went.
+        self.note: str | None = None
 
     @contextlib.contextmanager
     def step(self, name: str) -> Iterator[None]:
@@ -54,6 +56,7 @@ class NullJournal(Journal):
         self.operation = operation
         self.current_step = None
         self.completed = []
+        self.note = None
 
     @contextlib.contextmanager
     def step(self, name: str) -> Iterator[None]:

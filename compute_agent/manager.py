@@ -71,20 +71,44 @@ class ComputeManager:
             try:
                 inst = self.store.get_instance(op.instance_uuid)
             except exception.InstanceNotFound:
-                continue
+                continue  # a refused request, or an instance long gone
             LOG.warning("Reconciling: %s", reason)
-            if op.name == "delete":
-                self._run(ctxt, inst, "delete", self._do_delete, resumed=True)
-                continue
-            power = self._power_state(inst)
-            if op.name == "spawn" and power == states.RUNNING:
-                self.store.update_instance(inst.uuid, vm_state=states.ACTIVE, task_state=None,
-                                           power_state=power, launched_at=now())
-                LOG.info("Spawn had completed before the restart; instance is active")
-                continue
+            self._reconcile_one(ctxt, inst, op.name, step, reason)
+
+    def _reconcile_one(self, ctxt, inst: objects.Instance, op_name: str, step: str,
+                       reason: str) -> None:
+        power = self._power_state(inst)
+        saved = power == states.SUSPENDED_POWER
+        # (operation, what the hypervisor shows) -> the state it ended in.
+        settled = {
+            ("spawn", states.RUNNING): states.ACTIVE,
+            ("reboot", states.RUNNING): states.ACTIVE,
+            ("power_on", states.RUNNING): states.ACTIVE,
+            ("resume", states.RUNNING): states.ACTIVE,
+            ("power_off", states.SHUTDOWN): states.STOPPED,
+            ("power_off", states.NOSTATE): states.STOPPED,
+            ("suspend", states.RUNNING): states.ACTIVE,  # the save never happened
+        }.get((op_name, power))
+        if op_name in ("suspend", "resume") and saved:
+            settled = states.SUSPENDED
+        if op_name == "delete":
+            self._run(ctxt, inst, "delete", self._do_delete, resumed=True)
+        elif settled is not None:
+            LOG.info("Reconciled: %s ended with the guest %s; vm_state %s", op_name, power,
+                     settled)
+            self.store.update_instance(inst.uuid, vm_state=settled, task_state=None,
+                                       power_state=power)
+        elif op_name in ("reboot", "power_on") and inst.spec.image_id:
+            # Interrupted after the destroy: finish the job (hard reboot is idempotent).
+            self._run(ctxt, inst, "reboot", self._finish_hard_reboot, resumed=True)
+        else:
             self.store.update_instance(
                 inst.uuid, vm_state=states.ERROR, task_state=None, power_state=power,
-                fault=objects.Fault(op.name, step, reason, now()))
+                fault=objects.Fault(op_name, step, reason, now()))
+
+    def _finish_hard_reboot(self, inst: objects.Instance, journal: Journal) -> None:
+        self.driver.hard_reboot(inst, journal)
+        self._settle(inst, states.ACTIVE)
 
     # --- power states ----------------------------------------------------------
 
@@ -158,8 +182,8 @@ class ComputeManager:
                 self.store.finish_operation(op_id, "failed", message)
                 self._notify(ctxt, action, "error", dict(failed.to_dict(), message=message))
                 return None
-        self.store.finish_operation(op_id, "done")
-        LOG.info("%s finished", action)
+        self.store.finish_operation(op_id, "done", journal.note)
+        LOG.info("%s finished%s", action, f": {journal.note}" if journal.note else "")
         self._notify(ctxt, action, "end", self._current(inst.uuid))
         return result
 
@@ -225,19 +249,112 @@ class ComputeManager:
                                    power_state=self._power_state(inst), launched_at=now())
 
     def delete(self, ctxt, uuid: str) -> None:
-        with self._context(ctxt, uuid):
-            try:
-                objects.validate_uuid(uuid)
-                inst = self._accept(ctxt, uuid, "delete")
-            except (exception.Invalid, exception.NotFound) as exc:
-                self._refuse(ctxt, uuid, "delete", exc)
-                return
-            self._run(ctxt, inst, "delete", self._do_delete)
+        self._cast(ctxt, uuid, "delete", "delete", self._do_delete)
 
     def _do_delete(self, inst: objects.Instance, journal: Journal) -> None:
         self.driver.destroy(inst, journal)
         self.store.update_instance(inst.uuid, vm_state=states.DELETED, task_state=None,
                                    power_state=states.NOSTATE)
+
+    def _cast(self, ctxt, uuid: str, check: str, action: str, body) -> None:
+        """Accept (or refuse, journalled) then run a cast operation."""
+        with self._context(ctxt, uuid):
+            try:
+                objects.validate_uuid(uuid)
+                inst = self._accept(ctxt, uuid, check)
+            except (exception.Invalid, exception.NotFound) as exc:
+                self._refuse(ctxt, uuid, action, exc)
+                return
+            self._run(ctxt, inst, action, body)
+
+    def _settle(self, inst: objects.Instance, vm_state: str, **extra) -> None:
+        """End an operation successfully: new vm_state, no task, no fault."""
+        self.store.update_instance(inst.uuid, vm_state=vm_state, task_state=None, fault=None,
+                                   power_state=self._power_state(inst), **extra)
+
+    # --- RPC: lifecycle ----------------------------------------------------------
+
+    def reboot(self, ctxt, uuid: str, reboot_type: str = "SOFT") -> None:
+        hard = reboot_type == "HARD"
+        if reboot_type not in ("SOFT", "HARD"):
+            with self._context(ctxt, uuid):
+                self._refuse(ctxt, uuid, "reboot", exception.InvalidArgument(
+                    name="reboot_type", reason=f"must be SOFT or HARD, got {reboot_type!r}"))
+            return
+
+        def body(inst, journal):
+            how = self.driver.reboot(inst, journal, hard, self.conf.libvirt.soft_reboot_timeout)
+            if how == "hard-after-soft-timeout":
+                journal.note = (f"guest did not power off within "
+                                f"{self.conf.libvirt.soft_reboot_timeout}s of the ACPI "
+                                f"request; rebooted hard")
+            else:
+                journal.note = f"{how} reboot"
+            self._settle(inst, states.ACTIVE)
+
+        self._cast(ctxt, uuid, "reboot_hard" if hard else "reboot_soft", "reboot", body)
+
+    def power_off(self, ctxt, uuid: str, timeout: int | None = None) -> None:
+        if timeout is None:
+            timeout = self.conf.shutdown_timeout
+        if isinstance(timeout, bool) or not isinstance(timeout, int) or not 0 <= timeout <= 3600:
+            with self._context(ctxt, uuid):
+                self._refuse(ctxt, uuid, "power_off", exception.InvalidArgument(
+                    name="timeout", reason=f"must be 0..3600 seconds, got {timeout!r}"))
+            return
+
+        def body(inst, journal):
+            clean = self.driver.power_off(inst, journal, timeout)
+            journal.note = "clean shutdown" if clean else f"forced off after {timeout}s"
+            self._settle(inst, states.STOPPED)
+
+        self._cast(ctxt, uuid, "power_off", "power_off", body)
+
+    def power_on(self, ctxt, uuid: str) -> None:
+        def body(inst, journal):
+            self.driver.power_on(inst, journal)
+            self._settle(inst, states.ACTIVE)
+
+        self._cast(ctxt, uuid, "power_on", "power_on", body)
+
+    def suspend(self, ctxt, uuid: str) -> None:
+        def body(inst, journal):
+            self.driver.suspend(inst, journal)
+            self._settle(inst, states.SUSPENDED)
+
+        self._cast(ctxt, uuid, "suspend", "suspend", body)
+
+    def resume(self, ctxt, uuid: str, discard_saved_state: bool = False) -> None:
+        def body(inst, journal):
+            self.driver.resume(inst, journal, discard_saved_state=discard_saved_state)
+            if discard_saved_state:
+                journal.note = "saved memory state discarded; cold-booted"
+            self._settle(inst, states.ACTIVE)
+
+        check = "resume_discard" if discard_saved_state is True else "resume"
+        self._cast(ctxt, uuid, check, "resume", body)
+
+    @_expected
+    def reset_state(self, ctxt, uuid: str, state: str) -> dict:
+        """The operator's escape hatch: force vm_state to active or error and
+        clear the task. Follow with a hard reboot to make the host match."""
+        with self._context(ctxt, uuid):
+            if state not in (states.ACTIVE, states.ERROR):
+                raise exception.InvalidArgument(name="state",
+                                                reason=f"must be active or error, got {state!r}")
+            with self._state_lock:
+                inst = self.store.get_instance(objects.validate_uuid(uuid))
+                if inst.vm_state == states.DELETED:
+                    raise exception.InvalidState(action="reset_state", uuid=uuid,
+                                                 vm_state=inst.vm_state,
+                                                 task_state=inst.task_state)
+                after = self.store.update_instance(uuid, vm_state=state, task_state=None)
+            note = (f"vm_state {inst.vm_state} -> {state}, task_state {inst.task_state} -> "
+                    f"None")
+            self.store.start_operation(uuid, "reset_state", ctxt.request_id, status="done",
+                                       message=note)
+            LOG.warning("reset_state: %s", note)
+            return after.to_dict()
 
     # --- RPC: queries ------------------------------------------------------------
 

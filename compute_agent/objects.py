@@ -443,3 +443,5 @@ class HostStats:
     image_cache_bytes: int
     image_cache_files: int
     domains_running: int
+    save_files_bytes: int
+    save_path_free_mb: int

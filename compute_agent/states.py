@@ -17,6 +17,12 @@ DELETED = "deleted"
 # task_state
 SPAWNING = "spawning"
 DELETING = "deleting"
+REBOOTING = "rebooting"
+REBOOTING_HARD = "rebooting_hard"
+POWERING_OFF = "powering_off"
+POWERING_ON = "powering_on"
+SUSPENDING = "suspending"
+RESUMING = "resuming"
 
 # power_state
 NOSTATE = "nostate"
@@ -29,6 +35,19 @@ SUSPENDED_POWER = "suspended"
 # operation -> (vm_states it may start from, task_state while it runs)
 ALLOWED = {
     "delete": ({BUILDING, ACTIVE, STOPPED, SUSPENDED, RESIZED, ERROR}, DELETING),
+    "reboot_soft": ({ACTIVE}, REBOOTING),
+    # Hard reboot is the repair tool: after reset_state it fixes an instance
+    # whatever happened to it (see reset_state).
+    "reboot_hard": ({ACTIVE, STOPPED, ERROR}, REBOOTING_HARD),
+    "power_off": ({ACTIVE, ERROR}, POWERING_OFF),
+    "power_on": ({STOPPED}, POWERING_ON),
+    # A suspended instance cannot be migrated, resized or snapshotted with its
+    # memory: those are refused here with the state named.
+    "suspend": ({ACTIVE}, SUSPENDING),
+    "resume": ({SUSPENDED}, RESUMING),
+    # Discarding saved memory is explicit and also allowed after a failed
+    # restore left the instance in error with its save file kept.
+    "resume_discard": ({SUSPENDED, ERROR}, RESUMING),
 }
 
 

@@ -58,26 +58,29 @@ class Ctl:
 
     # --- following a task to its end ----------------------------------------
 
-    def wait(self, uuid: str, action: str, gone_ok: bool = False) -> dict | None:
+    def wait(self, uuid: str, action: str) -> tuple[dict, dict]:
+        """Follow this request's operation until it ends; return the instance
+        record and the operation. A refusal raises with the agent's reason."""
         spinner = "|/-\\"
         deadline = time.monotonic() + self.args.wait_timeout
         tick, last = 0, None
         tty = sys.stderr.isatty()
         while time.monotonic() < deadline:
+            ops = self.api.get_operations(self.ctxt, self.host, uuid, limit=10)
+            mine = next((o for o in ops if o["request_id"] == self.ctxt.request_id), None)
+            if mine and mine["status"] == "refused":
+                raise exception.Invalid(f"{action} refused: {mine['message']}")
             try:
                 inst = self.api.get_instance(self.ctxt, self.host, uuid)
             except exception.InstanceNotFound:
                 inst = None
-            refused = self._refusal(uuid)
-            if refused:
-                sys.stderr.write("\n")
-                raise exception.Invalid(f"{action} refused: {refused}")
-            if inst is not None and inst["task_state"] is None and \
-                    (action != "spawn" or inst["vm_state"] != "building"):
+            if mine and mine["status"] != "running" and inst is not None:
                 if tty:
                     sys.stderr.write("\r" + " " * 78 + "\r")
-                return inst
-            state = (f"{inst['vm_state']}/{inst['task_state']}" if inst else "accepted")
+                return inst, mine
+            step = (mine["steps"][-1]["name"] if mine and mine["steps"] else "queued")
+            state = (f"{inst['vm_state']}/{inst['task_state']} ({step})" if inst
+                     else "accepted")
             if tty:
                 sys.stderr.write(f"\r{spinner[tick % 4]} {action} {uuid}: {state}   ")
             elif state != last:
@@ -89,14 +92,10 @@ class Ctl:
         raise exception.ComputeAgentError(
             f"Gave up waiting for {action} of {uuid} after {self.args.wait_timeout}s")
 
-    def _refusal(self, uuid: str) -> str | None:
-        for op in self.api.get_operations(self.ctxt, self.host, uuid, limit=5):
-            if op["request_id"] == self.ctxt.request_id and op["status"] == "refused":
-                return op["message"]
-        return None
-
-    def _report(self, inst: dict) -> int:
+    def _report(self, inst: dict, op: dict) -> int:
         _emit(self.args, _summary(inst))
+        if op["message"] and op["status"] == "done":
+            print(f"{op['name']}: {op['message']}", file=sys.stderr)
         if inst.get("fault"):
             f = inst["fault"]
             print(f"FAULT in {f['operation']} at step {f['step']}: {f['message']}",
@@ -123,14 +122,45 @@ class Ctl:
         if not a.wait:
             print(spec["uuid"])
             return 0
-        return self._report(self.wait(spec["uuid"], "spawn"))
+        return self._report(*self.wait(spec["uuid"], "spawn"))
 
     def delete(self) -> int:
         self.api.delete(self.ctxt, self.host, self.args.uuid)
         if not self.args.wait:
             return 0
-        inst = self.wait(self.args.uuid, "delete")
-        return self._report(inst)
+        return self._report(*self.wait(self.args.uuid, "delete"))
+
+    def _lifecycle(self, action: str, send) -> int:
+        send()
+        if not self.args.wait:
+            return 0
+        return self._report(*self.wait(self.args.uuid, action))
+
+    def reboot(self) -> int:
+        kind = "HARD" if self.args.hard else "SOFT"
+        return self._lifecycle("reboot", lambda: self.api.reboot(
+            self.ctxt, self.host, self.args.uuid, kind))
+
+    def stop(self) -> int:
+        return self._lifecycle("power_off", lambda: self.api.power_off(
+            self.ctxt, self.host, self.args.uuid, self.args.shutdown_timeout))
+
+    def start(self) -> int:
+        return self._lifecycle("power_on", lambda: self.api.power_on(
+            self.ctxt, self.host, self.args.uuid))
+
+    def suspend(self) -> int:
+        return self._lifecycle("suspend", lambda: self.api.suspend(
+            self.ctxt, self.host, self.args.uuid))
+
+    def resume(self) -> int:
+        return self._lifecycle("resume", lambda: self.api.resume(
+            self.ctxt, self.host, self.args.uuid, self.args.discard_saved_state))
+
+    def reset_state(self) -> int:
+        _emit(self.args, _summary(self.api.reset_state(self.ctxt, self.host, self.args.uuid,
+                                                       self.args.state)))
+        return 0
 
     def list(self) -> int:
         rows = [_summary(i) for i in self.api.list_instances(self.ctxt, self.host,
@@ -208,6 +238,27 @@ def _parser() -> argparse.ArgumentParser:
     d = sub.add_parser("delete", help="delete an instance")
     d.add_argument("uuid")
     d.add_argument("--wait", action="store_true")
+
+    for name, help_text in (("reboot", "reboot (ACPI; --hard: destroy and rebuild)"),
+                            ("stop", "power off (clean, forced after a timeout)"),
+                            ("start", "power on"),
+                            ("suspend", "save memory to disk and stop (managed save)"),
+                            ("resume", "restore a suspended instance")):
+        lp = sub.add_parser(name, help=help_text)
+        lp.add_argument("uuid")
+        lp.add_argument("--wait", action="store_true")
+        if name == "reboot":
+            lp.add_argument("--hard", action="store_true")
+        if name == "stop":
+            lp.add_argument("--shutdown-timeout", type=int,
+                            help="seconds to wait for a clean shutdown (agent default if unset)")
+        if name == "resume":
+            lp.add_argument("--discard-saved-state", action="store_true",
+                            help="throw the saved memory away and cold-boot instead")
+
+    rs = sub.add_parser("reset-state", help="force vm_state (then use reboot --hard)")
+    rs.add_argument("uuid")
+    rs.add_argument("state", choices=["active", "error"])
 
     ls = sub.add_parser("list", help="list instances")
     ls.add_argument("--all", action="store_true", help="include deleted instances")

@@ -26,6 +26,9 @@ default_opts = [
     cfg.IntOpt("max_concurrent_disk_ops", default=2, min=0,
                help="How many disk-heavy operations (image fetch and convert) may "
                     "run at once on this host; 0 means unlimited."),
+    cfg.IntOpt("shutdown_timeout", default=60, min=0,
+               help="Default seconds power_off waits for the guest to power off after "
+                    "the ACPI request before it forces it off (0: force at once)."),
     cfg.IntOpt("graceful_shutdown_timeout", default=60, min=0,
                help="On SIGTERM, seconds to wait for running operations to reach "
                     "the end before the agent exits anyway."),
@@ -44,6 +47,15 @@ libvirt_opts = [
                choices=["none", "writeback", "writethrough", "unsafe"],
                help="QEMU cache mode for instance disks. 'none' (O_DIRECT) needs a "
                     "filesystem that supports O_DIRECT (not tmpfs)."),
+    cfg.StrOpt("save_path", default="/var/lib/libvirt/qemu/save",
+               help="Where libvirtd writes managed-save (suspend) files. Suspend checks "
+                    "this filesystem has room for the guest's memory; get_host_status "
+                    "reports the space the files take."),
+    cfg.IntOpt("save_space_margin_mb", default=256, min=0,
+               help="Free space to keep on save_path beyond a suspended guest's memory."),
+    cfg.IntOpt("soft_reboot_timeout", default=60, min=1,
+               help="Seconds a soft reboot waits for the guest to power off after the "
+                    "ACPI request before it falls back to a hard reboot."),
     cfg.IntOpt("machine_memory_reserved_mb", default=512, min=0,
                help="Host memory kept back from guests when reporting capacity."),
 ]

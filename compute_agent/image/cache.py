@@ -99,11 +99,14 @@ class ImageCache:
         try:
             with open(dest, "xb") as f:
                 for chunk in self.images.download(meta.id):
-                    f.write(chunk)
-                    size += len(chunk)
                     if hasher:
                         hasher.update(chunk)
-                f.flush()
+                    if chunk.count(0) == len(chunk):
+                        f.seek(len(chunk), os.SEEK_CUR)  # keep zeros sparse
+                    else:
+                        f.write(chunk)
+                    size += len(chunk)
+                f.truncate(size)
                 os.fsync(f.fileno())
         except exception.ComputeAgentError:
             raise

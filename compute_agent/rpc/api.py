@@ -44,7 +44,26 @@ class ComputeAPI:
     def delete(self, ctxt, host: str, uuid: str) -> None:
         self._prepare(host).cast(ctxt, "delete", uuid=uuid)
 
+    def reboot(self, ctxt, host: str, uuid: str, reboot_type: str = "SOFT") -> None:
+        self._prepare(host).cast(ctxt, "reboot", uuid=uuid, reboot_type=reboot_type)
+
+    def power_off(self, ctxt, host: str, uuid: str, timeout: int | None = None) -> None:
+        self._prepare(host).cast(ctxt, "power_off", uuid=uuid, timeout=timeout)
+
+    def power_on(self, ctxt, host: str, uuid: str) -> None:
+        self._prepare(host).cast(ctxt, "power_on", uuid=uuid)
+
+    def suspend(self, ctxt, host: str, uuid: str) -> None:
+        self._prepare(host).cast(ctxt, "suspend", uuid=uuid)
+
+    def resume(self, ctxt, host: str, uuid: str, discard_saved_state: bool = False) -> None:
+        self._prepare(host).cast(ctxt, "resume", uuid=uuid,
+                                 discard_saved_state=discard_saved_state)
+
     # calls ---------------------------------------------------------------------
+
+    def reset_state(self, ctxt, host: str, uuid: str, state: str) -> dict:
+        return self._prepare(host).call(ctxt, "reset_state", uuid=uuid, state=state)
 
     def get_instance(self, ctxt, host: str, uuid: str) -> dict:
         return self._prepare(host).call(ctxt, "get_instance", uuid=uuid)

@@ -27,6 +27,37 @@ class ComputeDriver(abc.ABC):
         """Stop and undefine the guest and remove its directory. Idempotent."""
 
     @abc.abstractmethod
+    def reboot(self, instance: Instance, journal: Journal, hard: bool, timeout: int) -> str:
+        """Soft (ACPI, hard after ``timeout``) or hard reboot. Returns 'soft',
+        'hard' or 'hard-after-soft-timeout'."""
+
+    @abc.abstractmethod
+    def hard_reboot(self, instance: Instance, journal: Journal) -> None:
+        """Destroy, recreate whatever is missing from the record, start."""
+
+    @abc.abstractmethod
+    def power_off(self, instance: Instance, journal: Journal, timeout: int) -> bool:
+        """Clean shutdown within ``timeout`` s, then forced. True if clean."""
+
+    @abc.abstractmethod
+    def power_on(self, instance: Instance, journal: Journal) -> None:
+        """Start a stopped guest, recreating what is missing."""
+
+    @abc.abstractmethod
+    def suspend(self, instance: Instance, journal: Journal) -> None:
+        """Save the guest's memory to disk and stop it (managed save)."""
+
+    @abc.abstractmethod
+    def resume(self, instance: Instance, journal: Journal,
+               discard_saved_state: bool = False) -> None:
+        """Restore a suspended guest; or, when asked explicitly, discard the
+        saved state and cold-boot."""
+
+    @abc.abstractmethod
+    def has_saved_state(self, instance: Instance) -> bool:
+        """Whether the guest has a managed-save image."""
+
+    @abc.abstractmethod
     def power_state(self, instance: Instance) -> str:
         """The guest's power_state now ('nostate' when it has no domain)."""
 

@@ -26,22 +26,41 @@ def root_size(flavor: Flavor, base_size: int, image_id: str) -> int:
     return size
 
 
+def _layout(instance_dir: str, flavor: Flavor) -> list[tuple[str, str, int]]:
+    """[(path, target_dev, size)] of the disks a flavor gives, in boot order."""
+    disks = [(os.path.join(instance_dir, "disk"), "vda", 0)]
+    devs = iter("bcdefg")
+    if flavor.ephemeral_gb:
+        disks.append((os.path.join(instance_dir, "disk.local"), "vd" + next(devs),
+                      flavor.ephemeral_gb * GiB))
+    if flavor.swap_mb:
+        disks.append((os.path.join(instance_dir, "disk.swap"), "vd" + next(devs),
+                      flavor.swap_mb * MiB))
+    return disks
+
+
 def create_disks(instance_dir: str, base_path: str, flavor: Flavor,
                  image_id: str) -> list[tuple[str, str]]:
     """Create disk, disk.local, disk.swap as the flavor asks.
     Returns [(path, target_dev)] in boot order."""
-    base_size = os.path.getsize(base_path)
-    disks = []
-    root = os.path.join(instance_dir, "disk")
-    qemu_img.create_overlay(root, base_path, root_size(flavor, base_size, image_id))
-    disks.append((root, "vda"))
-    next_dev = iter("bcdefg")
-    if flavor.ephemeral_gb:
-        path = os.path.join(instance_dir, "disk.local")
-        qemu_img.create_blank(path, flavor.ephemeral_gb * GiB)
-        disks.append((path, "vd" + next(next_dev)))
-    if flavor.swap_mb:
-        path = os.path.join(instance_dir, "disk.swap")
-        qemu_img.create_blank(path, flavor.swap_mb * MiB)
-        disks.append((path, "vd" + next(next_dev)))
-    return disks
+    size = root_size(flavor, os.path.getsize(base_path), image_id)
+    layout = _layout(instance_dir, flavor)
+    root = layout[0][0]
+    qemu_img.create_overlay(root, base_path, size)
+    for path, _, extra_size in layout[1:]:
+        qemu_img.create_blank(path, extra_size)
+    return [(path, dev) for path, dev, _ in layout]
+
+
+def ensure_disks(instance_dir: str, flavor: Flavor) -> list[tuple[str, str]]:
+    """For hard reboot: the disks must be there. A missing ephemeral or swap
+    disk (scratch space by definition) is recreated blank; a missing root disk
+    is an error, never silently replaced."""
+    layout = _layout(instance_dir, flavor)
+    root = layout[0][0]
+    if not os.path.exists(root):
+        raise exception.DiskMissing(path=root)
+    for path, _, size in layout[1:]:
+        if not os.path.exists(path):
+            qemu_img.create_blank(path, size)
+    return [(path, dev) for path, dev, _ in layout]

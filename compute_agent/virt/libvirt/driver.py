@@ -11,11 +11,11 @@ import libvirt
 from oslo_log import log as logging
 
 from compute_agent import exception, objects, states
-from compute_agent.image.cache import ImageCache
+from compute_agent.image.cache import ImageCache, check_free_space
 from compute_agent.journal import Journal
 from compute_agent.virt import driver
 from compute_agent.virt.libvirt import config, disk
-from compute_agent.virt.libvirt.guest import POWER_STATES
+from compute_agent.virt.libvirt.guest import POWER_STATES, Guest
 from compute_agent.virt.libvirt.host import Host
 
 LOG = logging.getLogger(__name__)
@@ -86,9 +86,7 @@ class LibvirtDriver(driver.ComputeDriver):
             with journal.step("create_disks"):
                 disks = disk.create_disks(inst_dir, base, spec.flavor, spec.image_id)
             with journal.step("define_domain"):
-                xml = config.to_xml(self._guest_config(instance, disks))
-                self._write_xml_copy(inst_dir, xml)
-                guest = self.host.define(xml)
+                guest = self._define(instance, disks)
             with journal.step("start_domain"):
                 guest.start()
         except BaseException:
@@ -97,6 +95,12 @@ class LibvirtDriver(driver.ComputeDriver):
             self._remove_domain(instance.uuid)
             shutil.rmtree(inst_dir, ignore_errors=True)
             raise
+
+    def _define(self, instance: objects.Instance, disks: list[tuple[str, str]]) -> Guest:
+        """Build the domain XML from the record, keep a copy for humans, define."""
+        xml = config.to_xml(self._guest_config(instance, disks))
+        self._write_xml_copy(self.instance_dir(instance.uuid), xml)
+        return self.host.define(xml)
 
     def _guest_config(self, instance: objects.Instance,
                       disks: list[tuple[str, str]]) -> config.GuestConfig:
@@ -120,6 +124,101 @@ class LibvirtDriver(driver.ComputeDriver):
         with open(tmp, "w") as f:
             f.write(xml)
         os.rename(tmp, os.path.join(inst_dir, "libvirt.xml"))
+
+    # --- lifecycle -------------------------------------------------------------
+
+    def reboot(self, instance: objects.Instance, journal: Journal, hard: bool,
+               timeout: int) -> str:
+        """Reboot; returns how it went: 'soft', 'hard' or 'hard-after-soft-timeout'."""
+        guest = self.host.lookup(instance.uuid)
+        if hard or guest is None or not guest.is_running():
+            self.hard_reboot(instance, journal)
+            return "hard"
+        with journal.step("acpi_shutdown"):
+            guest.shutdown()
+            clean = guest.wait_for_shutoff(timeout)
+        if clean:
+            with journal.step("start_domain"):
+                guest.start()
+            return "soft"
+        LOG.warning("Guest did not power off within %ss of the ACPI request; "
+                    "falling back to a hard reboot", timeout)
+        self.hard_reboot(instance, journal)
+        return "hard-after-soft-timeout"
+
+    def hard_reboot(self, instance: objects.Instance, journal: Journal) -> None:
+        """The repair tool: assume nothing about the host, recreate whatever is
+        missing (domain, backing file, XML), then start. Idempotent."""
+        guest = self.host.lookup(instance.uuid)
+        if guest is not None and guest.has_managed_save():
+            raise exception.SavedStateExists(uuid=instance.uuid)
+        with journal.step("destroy_domain"):
+            if guest is not None:
+                guest.destroy()
+        with journal.step("ensure_image"):
+            if instance.spec.image_id:
+                self.image_cache.ensure(instance.spec.image_id)
+        with journal.step("ensure_disks"):
+            disks = disk.ensure_disks(self.instance_dir(instance.uuid), instance.spec.flavor)
+        with journal.step("define_domain"):
+            guest = self._define(instance, disks)
+        with journal.step("start_domain"):
+            guest.start()
+
+    def power_off(self, instance: objects.Instance, journal: Journal, timeout: int) -> bool:
+        """Clean shutdown within ``timeout`` seconds, then forced. True if clean."""
+        guest = self.host.lookup(instance.uuid)
+        if guest is None or not guest.is_running():
+            return True
+        clean = False
+        if timeout > 0:
+            with journal.step("acpi_shutdown"):
+                guest.shutdown()
+                clean = guest.wait_for_shutoff(timeout)
+        if not clean:
+            with journal.step("destroy_domain"):
+                guest.destroy()
+        return clean
+
+    def power_on(self, instance: objects.Instance, journal: Journal) -> None:
+        # Like Nova: powering on rebuilds from the record, as a hard reboot does.
+        self.hard_reboot(instance, journal)
+
+    def suspend(self, instance: objects.Instance, journal: Journal) -> None:
+        guest = self._require_guest(instance)
+        with journal.step("check_save_space"):
+            needed = instance.spec.flavor.memory_mb * MiB
+            check_free_space(self.conf.libvirt.save_path, needed,
+                             "the guest's saved memory (managed save)",
+                             self.conf.libvirt.save_space_margin_mb)
+        with journal.step("managed_save"):
+            guest.managed_save()
+
+    def resume(self, instance: objects.Instance, journal: Journal,
+               discard_saved_state: bool = False) -> None:
+        guest = self._require_guest(instance)
+        if discard_saved_state:
+            with journal.step("discard_saved_state"):
+                if guest.has_managed_save():
+                    guest.remove_managed_save()
+            self.hard_reboot(instance, journal)
+            return
+        with journal.step("restore_domain"):
+            try:
+                guest.start()  # with a managed-save image, start() restores it
+            except exception.HypervisorError as exc:
+                raise exception.RestoreFailed(uuid=instance.uuid, reason=str(exc)) from exc
+
+    def has_saved_state(self, instance: objects.Instance) -> bool:
+        guest = self.host.lookup(instance.uuid)
+        return guest is not None and guest.has_managed_save()
+
+    def _require_guest(self, instance: objects.Instance) -> Guest:
+        guest = self.host.lookup(instance.uuid)
+        if guest is None:
+            raise exception.NotFound(what=f"libvirt domain of instance {instance.uuid} "
+                                          f"(a hard reboot recreates it)")
+        return guest
 
     # --- delete --------------------------------------------------------------
 
@@ -177,4 +276,21 @@ class LibvirtDriver(driver.ComputeDriver):
             instances_path_free_mb=st.f_bavail * st.f_frsize // MiB,
             instances_path_total_mb=st.f_blocks * st.f_frsize // MiB,
             image_cache_bytes=cache_bytes, image_cache_files=cache_files,
-            domains_running=running)
+            domains_running=running, save_files_bytes=_dir_bytes(self.conf.libvirt.save_path),
+            save_path_free_mb=_free_mb(self.conf.libvirt.save_path))
+
+
+def _dir_bytes(path: str) -> int:
+    try:
+        with os.scandir(path) as it:
+            return sum(e.stat().st_blocks * 512 for e in it if e.is_file(follow_symlinks=False))
+    except FileNotFoundError:
+        return 0
+
+
+def _free_mb(path: str) -> int:
+    try:
+        st = os.statvfs(path)
+    except FileNotFoundError:
+        return 0
+    return st.f_bavail * st.f_frsize // MiB

@@ -7,6 +7,8 @@ errors translated in one place (``Host.call``).
 
 from __future__ import annotations
 
+import time
+
 import libvirt
 
 from compute_agent import states
@@ -56,6 +58,25 @@ class Guest:
             if d.isActive():
                 d.destroy()
         self._call("destroy", fn)
+
+    def shutdown(self) -> None:
+        """Ask the guest to power off (ACPI power button)."""
+        self._call("shutdown", lambda d: d.shutdown())
+
+    def managed_save(self) -> None:
+        self._call("managedSave", lambda d: d.managedSave(0))
+
+    def remove_managed_save(self) -> None:
+        self._call("managedSaveRemove", lambda d: d.managedSaveRemove(0))
+
+    def wait_for_shutoff(self, timeout: float, interval: float = 0.25) -> bool:
+        """True when the domain stopped within ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        while self.is_running():
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(interval)
+        return True
 
     def undefine(self) -> None:
         """Remove the definition, with any managed-save image and NVRAM."""
