@@ -11,12 +11,27 @@ see exactly how far an operation got.
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from collections.abc import Iterator
 
 from oslo_log import log as logging
 
 LOG = logging.getLogger(__name__)
+
+
+def _pause_points() -> dict[tuple[str, str], float]:
+    """Fault injection for the crash tests: COMPUTE_AGENT_PAUSE_BEFORE_STEP=
+    "operation:step:seconds[,...]" makes the agent sleep before that step, so a
+    test can kill it at a known point. Unset in production: nothing happens."""
+    points = {}
+    for item in filter(None, os.environ.get("COMPUTE_AGENT_PAUSE_BEFORE_STEP", "").split(",")):
+        operation, step, seconds = item.split(":")
+        points[(operation, step)] = float(seconds)
+    return points
+
+
+_PAUSE_BEFORE = _pause_points()
 
 
 class Journal:
@@ -31,6 +46,11 @@ class Journal:
 
     @contextlib.contextmanager
     def step(self, name: str) -> Iterator[None]:
+        pause = _PAUSE_BEFORE.get((self.operation, name))
+        if pause:
+            LOG.warning("Pausing %ss before %s:%s (COMPUTE_AGENT_PAUSE_BEFORE_STEP)", pause,
+                        self.operation, name)
+            time.sleep(pause)
         seq = self._store.start_step(self.op_id, name)
         self.current_step = name
         started = time.monotonic()

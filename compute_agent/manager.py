@@ -65,8 +65,11 @@ class ComputeManager:
         for op in self.store.operations(status="running", limit=10000):
             ctxt = o_context.RequestContext(request_id=op.request_id, overwrite=True,
                                             resource_uuid=op.instance_uuid)
-            step = op.last_step.name if op.last_step else "start"
-            reason = f"agent restarted during {op.name} (at step {step})"
+            last = op.last_step
+            step = last.name if last else None
+            where = (f"during step {step}" if last and last.status == "running" else
+                     f"after step {step}" if last else "before its first step")
+            reason = f"agent restarted during {op.name}, {where}"
             self.store.finish_operation(op.id, "interrupted", reason)
             try:
                 inst = self.store.get_instance(op.instance_uuid)
@@ -75,7 +78,7 @@ class ComputeManager:
             LOG.warning("Reconciling: %s", reason)
             self._reconcile_one(ctxt, inst, op.name, step, reason)
 
-    def _reconcile_one(self, ctxt, inst: objects.Instance, op_name: str, step: str,
+    def _reconcile_one(self, ctxt, inst: objects.Instance, op_name: str, step: str | None,
                        reason: str) -> None:
         power = self._power_state(inst)
         saved = power == states.SUSPENDED_POWER
@@ -96,8 +99,9 @@ class ComputeManager:
         elif settled is not None:
             LOG.info("Reconciled: %s ended with the guest %s; vm_state %s", op_name, power,
                      settled)
+            extra = {"launched_at": now()} if op_name == "spawn" else {}
             self.store.update_instance(inst.uuid, vm_state=settled, task_state=None,
-                                       power_state=power)
+                                       power_state=power, **extra)
         elif op_name in ("reboot", "power_on") and inst.spec.image_id:
             # Interrupted after the destroy: finish the job (hard reboot is idempotent).
             self._run(ctxt, inst, "reboot", self._finish_hard_reboot, resumed=True)
@@ -260,8 +264,7 @@ class ComputeManager:
         """Accept (or refuse, journalled) then run a cast operation."""
         with self._context(ctxt, uuid):
             try:
-                objects.validate_uuid(uuid)
-                inst = self._accept(ctxt, uuid, check)
+                inst = self._accept(ctxt, objects.validate_uuid(uuid), check)
             except (exception.Invalid, exception.NotFound) as exc:
                 self._refuse(ctxt, uuid, action, exc)
                 return
@@ -297,10 +300,11 @@ class ComputeManager:
     def power_off(self, ctxt, uuid: str, timeout: int | None = None) -> None:
         if timeout is None:
             timeout = self.conf.shutdown_timeout
-        if isinstance(timeout, bool) or not isinstance(timeout, int) or not 0 <= timeout <= 3600:
+        try:
+            _check_count("timeout", timeout, 3600, lo=0)
+        except exception.InvalidArgument as exc:
             with self._context(ctxt, uuid):
-                self._refuse(ctxt, uuid, "power_off", exception.InvalidArgument(
-                    name="timeout", reason=f"must be 0..3600 seconds, got {timeout!r}"))
+                self._refuse(ctxt, uuid, "power_off", exc)
             return
 
         def body(inst, journal):
@@ -342,8 +346,9 @@ class ComputeManager:
             if state not in (states.ACTIVE, states.ERROR):
                 raise exception.InvalidArgument(name="state",
                                                 reason=f"must be active or error, got {state!r}")
+            uuid = objects.validate_uuid(uuid)
             with self._state_lock:
-                inst = self.store.get_instance(objects.validate_uuid(uuid))
+                inst = self.store.get_instance(uuid)
                 if inst.vm_state == states.DELETED:
                     raise exception.InvalidState(action="reset_state", uuid=uuid,
                                                  vm_state=inst.vm_state,
@@ -372,16 +377,14 @@ class ComputeManager:
     @_expected
     def get_operations(self, ctxt, uuid: str, limit: int = 10) -> list[dict]:
         with self._context(ctxt, uuid):
-            if not isinstance(limit, int) or not 1 <= limit <= 1000:
-                raise exception.InvalidArgument(name="limit", reason="must be 1..1000")
+            _check_count("limit", limit, 1000)
             return [op.to_dict() for op in self.store.operations(uuid=str(uuid)[:64],
                                                                    limit=limit)]
 
     @_expected
     def get_console_output(self, ctxt, uuid: str, lines: int = 100) -> str:
         with self._context(ctxt, uuid):
-            if not isinstance(lines, int) or not 1 <= lines <= 10000:
-                raise exception.InvalidArgument(name="lines", reason="must be 1..10000")
+            _check_count("lines", lines, 10000)
             inst = self.store.get_instance(objects.validate_uuid(uuid))
             return self.driver.console_output(inst, lines)
 
@@ -402,3 +405,9 @@ class ComputeManager:
                 "root_gb_used": sum(i.spec.flavor.root_gb for i in live),
                 "libvirt_connected": self.driver.is_connected(),
             }
+
+
+def _check_count(name: str, value: object, hi: int, lo: int = 1) -> None:
+    # bool is an int subclass; true is never a count.
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise exception.InvalidArgument(name=name, reason=f"must be {lo}..{hi}, got {value!r}")

@@ -60,7 +60,7 @@ def _int(value: Any, name: str, lo: int, hi: int) -> int:
 
 
 def _str(value: Any, name: str, pattern: re.Pattern, what: str) -> str:
-    if not isinstance(value, str) or not pattern.match(value):
+    if not isinstance(value, str) or not pattern.fullmatch(value):
         _fail(name, f"must be {what}, got {value!r}")
     return value
 
@@ -144,6 +144,8 @@ class Network:
                       "a valid interface name (at most 15 characters)")
         cidr_raw = _get(d, "cidr", prefix)
         try:
+            if not isinstance(cidr_raw, str):  # ipaddress would take an int
+                raise TypeError
             cidr = ipaddress.ip_network(cidr_raw, strict=True)
         except (ValueError, TypeError):
             _fail(prefix + "cidr", f"must be a network in CIDR form, got {cidr_raw!r}")
@@ -161,6 +163,8 @@ class Network:
 
 def _ip_in(value: Any, net: ipaddress._BaseNetwork, name: str) -> str:
     try:
+        if not isinstance(value, str):  # ipaddress would take an int
+            raise TypeError
         addr = ipaddress.ip_address(value)
     except (ValueError, TypeError):
         _fail(name, f"must be an IP address, got {value!r}")
@@ -180,7 +184,7 @@ class Port:
         d = _require_dict(d, prefix.rstrip("."))
         port_id = _str(_get(d, "id", prefix), prefix + "id", _IMAGE_ID_RE, "an identifier")
         mac = _get(d, "mac", prefix)
-        if not isinstance(mac, str) or not _MAC_RE.match(mac.lower()):
+        if not isinstance(mac, str) or not _MAC_RE.fullmatch(mac.lower()):
             _fail(prefix + "mac", f"must be a MAC address like fa:16:3e:00:00:01, got {mac!r}")
         if int(mac[:2], 16) & 1:
             _fail(prefix + "mac", f"must be a unicast address, got {mac!r}")
@@ -227,6 +231,8 @@ class SecurityGroupRule:
         remote = _get(d, "remote_ip_prefix", prefix, required=False)
         if remote is not None:
             try:
+                if not isinstance(remote, str):  # ipaddress would take an int
+                    raise TypeError
                 remote = str(ipaddress.ip_network(remote, strict=False))
             except (ValueError, TypeError):
                 _fail(prefix + "remote_ip_prefix", f"must be a CIDR, got {remote!r}")

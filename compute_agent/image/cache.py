@@ -49,6 +49,24 @@ class ImageCache:
                           else contextlib.nullcontext())
         os.makedirs(self.base_dir, mode=0o755, exist_ok=True)
         os.makedirs(self.lock_path, mode=0o700, exist_ok=True)
+        self._remove_stale_partials()
+
+    def _partial_prefix(self) -> str:
+        # Names carry the host so agents sharing _base (shared storage) only
+        # ever clean up their own leftovers.
+        return f".part-{self.conf.host}-"
+
+    def _remove_stale_partials(self) -> None:
+        """Remove temporary files a killed fetch of this host left behind."""
+        prefix = self._partial_prefix()
+        for name in os.listdir(self.base_dir):
+            if prefix not in name:
+                continue
+            pid = name.split(prefix, 1)[1].split("-", 1)[0]
+            if pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
+                LOG.info("Removing %s left by an interrupted image fetch", name)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(self.base_dir, name))
 
     def path_for(self, image_id: str) -> str:
         return os.path.join(self.base_dir, base_name(image_id))
@@ -72,7 +90,7 @@ class ImageCache:
         reserve = self.conf.image.min_free_disk_mb
         check_free_space(self.base_dir, meta.size or 0, f"downloading image {image_id}",
                          reserve)
-        tmp = f"{path}.part-{os.getpid()}-{threading.get_ident()}"
+        tmp = f"{path}{self._partial_prefix()}{os.getpid()}-{threading.get_ident()}"
         raw_tmp = tmp + ".raw"
         try:
             self._download(meta, tmp)

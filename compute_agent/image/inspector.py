@@ -48,7 +48,9 @@ def inspect(path: str, image_id: str, declared_format: str,
         refuse(f"qemu-img reads it as {info.format!r}, not {declared_format!r}")
     if info.backing_file:
         refuse(f"it has a backing file ({info.backing_file!r})")
-    if found.NAME != "raw" and found.virtual_size and found.virtual_size != info.virtual_size:
+    # For raw data (with or without a partition table) the inspector's "virtual
+    # size" is only what it read; qemu-img's is the file size.
+    if detected != "raw" and found.virtual_size and found.virtual_size != info.virtual_size:
         refuse(f"the inspector finds a virtual size of {found.virtual_size} bytes but "
                f"qemu-img {info.virtual_size}")
     LOG.debug("Image %s passed inspection: %s, virtual size %d", image_id,

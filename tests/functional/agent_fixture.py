@@ -67,13 +67,16 @@ local_image_dir = {self.image_dir}
 {self.extra_conf}
 """)
 
-    def start(self, api, ctxt, timeout: float = 60) -> None:
+    def start(self, api, ctxt, timeout: float = 60, env: dict | None = None) -> None:
+        """Start (or restart, with the same host and directories) the daemon and
+        wait until it answers RPC."""
         if not os.path.exists(self.conf_path):
             self.write_conf()
-        self.proc = subprocess.Popen(
-            [os.path.join(os.path.dirname(sys.executable), "compute-agent"),
-             "--config-file", self.conf_path],
-            stdout=subprocess.DEVNULL, stderr=open(self.log_path + ".stderr", "ab"))
+        with open(self.log_path + ".stderr", "ab") as stderr:
+            self.proc = subprocess.Popen(
+                [os.path.join(os.path.dirname(sys.executable), "compute-agent"),
+                 "--config-file", self.conf_path],
+                stdout=subprocess.DEVNULL, stderr=stderr, env={**os.environ, **(env or {})})
         deadline = time.monotonic() + timeout
         while True:
             if self.proc.poll() is not None:

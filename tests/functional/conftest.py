@@ -68,6 +68,12 @@ def image_dir(services, tmp_path_factory):
     d = str(tmp_path_factory.mktemp("images"))
     _register(d, "linux-guest", linux, "raw")
     _register(d, "bootsector", boot, "raw")
+    # Boots nothing: SeaBIOS finds no boot sector and ignores the power button.
+    blank = os.path.join(d, "blank.src")
+    with open(blank, "wb") as f:
+        f.truncate(1024 * 1024)
+    _register(d, "blank", blank, "raw")
+    os.unlink(blank)
     qcow2 = os.path.join(d, "linux-guest.qcow2.src")
     subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", linux, qcow2],
                    check=True)
@@ -97,10 +103,10 @@ def agent_factory(api, image_dir):
     started: list[AgentProcess] = []
 
     def start(name: str = "agent", virt_type: str = "qemu", extra_conf: str = "",
-              ) -> AgentProcess:
+              env: dict | None = None) -> AgentProcess:
         agent = AgentProcess(name, image_dir, virt_type, extra_conf)
         started.append(agent)
-        agent.start(api, api.new_context())
+        agent.start(api, api.new_context(), env=env)
         return agent
 
     yield start

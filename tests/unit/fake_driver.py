@@ -1,0 +1,237 @@
+"""In-memory stand-ins for the driver and the image service.
+
+``FakeDriver`` behaves like ``LibvirtDriver`` as far as the manager can see:
+it writes the same journal steps, removes what a failed spawn created, makes
+``destroy`` idempotent, keeps managed-save images and reports power states, all
+in dicts and sets. Tests steer it with ``fail_at(step)``, ``add_domain`` and
+``ignores_acpi``, and inspect ``guests``, ``disks``, ``saved`` and ``calls``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+from compute_agent import exception, objects, states
+from compute_agent.image.service import ImageService
+from compute_agent.journal import Journal
+from compute_agent.virt.driver import ComputeDriver, PowerStateHandler
+
+SPAWN_STEPS = ("fetch_image", "create_disks", "define_domain", "start_domain")
+DESTROY_STEPS = ("destroy_domain", "remove_files")
+
+
+class FakeImageService(ImageService):
+    """Images in a dict: image id -> (record, data)."""
+
+    def __init__(self):
+        self.images: dict[str, tuple[objects.ImageMeta, bytes]] = {}
+
+    def add(self, image_id: str, data: bytes = b"\0" * 512, disk_format: str = "raw",
+            name: str | None = None) -> objects.ImageMeta:
+        meta = objects.ImageMeta(id=image_id, name=name or image_id, disk_format=disk_format,
+                                 size=len(data))
+        self.images[image_id] = (meta, data)
+        return meta
+
+    def show(self, image_id: str) -> objects.ImageMeta:
+        try:
+            return self.images[image_id][0]
+        except KeyError:
+            raise exception.ImageNotFound(image_id=image_id) from None
+
+    def download(self, image_id: str) -> Iterator[bytes]:
+        if image_id not in self.images:
+            raise exception.ImageNotFound(image_id=image_id)
+        data = self.images[image_id][1]
+        for i in range(0, len(data), 64 * 1024):
+            yield data[i:i + 64 * 1024]
+
+
+class FakeDriver(ComputeDriver):
+    def __init__(self, images: ImageService | None = None, host: str = "h1"):
+        self.images = images
+        self.hostname = host
+        self.guests: dict[str, str] = {}  # uuid -> power_state of defined domains
+        self.disks: dict[str, list[str]] = {}  # uuid -> disk names
+        self.console: dict[str, str] = {}  # uuid -> console log text
+        self.saved: set[str] = set()  # uuids with a managed-save image
+        self.ignores_acpi: set[str] = set()  # guests that never power off on ACPI
+        self.calls: list[tuple[str, str | None]] = []  # (method, uuid)
+        self.on_power_state: PowerStateHandler | None = None
+        self._failures: dict[str, Exception] = {}
+
+    # --- steering ------------------------------------------------------------
+
+    def fail_at(self, step: str, exc: Exception | None = None) -> None:
+        """Make the next run of journal step ``step`` raise ``exc``."""
+        self._failures[step] = exc or exception.CommandFailed(
+            cmd="fake " + step, exit_code=1, stderr=f"injected failure at {step}")
+
+    def add_domain(self, uuid: str, power_state: str = states.RUNNING) -> None:
+        """A domain that exists on the fake hypervisor, whoever created it."""
+        self.guests[uuid] = power_state
+
+    @contextlib.contextmanager
+    def _step(self, journal: Journal, name: str) -> Iterator[None]:
+        with journal.step(name):
+            exc = self._failures.pop(name, None)
+            if exc is not None:
+                raise exc
+            yield
+
+    # --- ComputeDriver -------------------------------------------------------
+
+    def init_host(self, on_power_state: PowerStateHandler) -> None:
+        self.calls.append(("init_host", None))
+        self.on_power_state = on_power_state
+
+    def spawn(self, instance: objects.Instance, journal: Journal) -> None:
+        uuid = instance.uuid
+        self.calls.append(("spawn", uuid))
+        if instance.spec.image_id is None:
+            raise exception.NotSupported(what="Boot from volume")
+        with self._step(journal, "fetch_image"):
+            if self.images is not None:
+                self.images.show(instance.spec.image_id)
+        if uuid in self.disks:
+            raise exception.InstanceExists(f"Instance directory for {uuid} already exists")
+        try:
+            with self._step(journal, "create_disks"):
+                flavor = instance.spec.flavor
+                self.disks[uuid] = (["disk"] + ["disk.local"] * bool(flavor.ephemeral_gb)
+                                    + ["disk.swap"] * bool(flavor.swap_mb))
+            with self._step(journal, "define_domain"):
+                self.guests[uuid] = states.SHUTDOWN
+            with self._step(journal, "start_domain"):
+                self.guests[uuid] = states.RUNNING
+        except BaseException:
+            # Like the real driver: remove everything this call created.
+            self.guests.pop(uuid, None)
+            self.disks.pop(uuid, None)
+            raise
+
+    def destroy(self, instance: objects.Instance, journal: Journal) -> None:
+        uuid = instance.uuid
+        self.calls.append(("destroy", uuid))
+        with self._step(journal, "destroy_domain"):
+            self.guests.pop(uuid, None)
+            self.saved.discard(uuid)
+        with self._step(journal, "remove_files"):
+            self.disks.pop(uuid, None)
+            self.console.pop(uuid, None)
+
+    def reboot(self, instance: objects.Instance, journal: Journal, hard: bool,
+               timeout: int) -> str:
+        uuid = instance.uuid
+        self.calls.append(("reboot", uuid))
+        if hard or self.guests.get(uuid) != states.RUNNING:
+            self.hard_reboot(instance, journal)
+            return "hard"
+        with self._step(journal, "acpi_shutdown"):
+            clean = self._acpi_shutdown(uuid)
+        if clean:
+            with self._step(journal, "start_domain"):
+                self.guests[uuid] = states.RUNNING
+            return "soft"
+        self.hard_reboot(instance, journal)
+        return "hard-after-soft-timeout"
+
+    def hard_reboot(self, instance: objects.Instance, journal: Journal) -> None:
+        uuid = instance.uuid
+        self.calls.append(("hard_reboot", uuid))
+        if uuid in self.saved:
+            raise exception.SavedStateExists(uuid=uuid)
+        with self._step(journal, "destroy_domain"):
+            if uuid in self.guests:
+                self.guests[uuid] = states.SHUTDOWN
+        with self._step(journal, "ensure_image"):
+            if self.images is not None and instance.spec.image_id:
+                self.images.show(instance.spec.image_id)
+        with self._step(journal, "ensure_disks"):
+            if "disk" not in self.disks.get(uuid, []):
+                raise exception.DiskMissing(path=f"{uuid}/disk")
+        with self._step(journal, "define_domain"):
+            self.guests.setdefault(uuid, states.SHUTDOWN)
+        with self._step(journal, "start_domain"):
+            self.guests[uuid] = states.RUNNING
+
+    def power_off(self, instance: objects.Instance, journal: Journal, timeout: int) -> bool:
+        uuid = instance.uuid
+        self.calls.append(("power_off", uuid))
+        if self.guests.get(uuid) != states.RUNNING:
+            return True
+        clean = False
+        if timeout > 0:
+            with self._step(journal, "acpi_shutdown"):
+                clean = self._acpi_shutdown(uuid)
+        if not clean:
+            with self._step(journal, "destroy_domain"):
+                self.guests[uuid] = states.SHUTDOWN
+        return clean
+
+    def power_on(self, instance: objects.Instance, journal: Journal) -> None:
+        self.hard_reboot(instance, journal)
+
+    def suspend(self, instance: objects.Instance, journal: Journal) -> None:
+        uuid = self._require_guest(instance)
+        self.calls.append(("suspend", uuid))
+        with self._step(journal, "check_save_space"):
+            pass
+        with self._step(journal, "managed_save"):
+            self.saved.add(uuid)
+            self.guests[uuid] = states.SUSPENDED_POWER
+
+    def resume(self, instance: objects.Instance, journal: Journal,
+               discard_saved_state: bool = False) -> None:
+        uuid = self._require_guest(instance)
+        self.calls.append(("resume", uuid))
+        if discard_saved_state:
+            with self._step(journal, "discard_saved_state"):
+                self.saved.discard(uuid)
+                self.guests[uuid] = states.SHUTDOWN
+            self.hard_reboot(instance, journal)
+            return
+        with self._step(journal, "restore_domain"):
+            self.saved.discard(uuid)
+            self.guests[uuid] = states.RUNNING
+
+    def has_saved_state(self, instance: objects.Instance) -> bool:
+        return instance.uuid in self.saved
+
+    def _require_guest(self, instance: objects.Instance) -> str:
+        if instance.uuid not in self.guests:
+            raise exception.NotFound(what=f"domain of instance {instance.uuid}")
+        return instance.uuid
+
+    def _acpi_shutdown(self, uuid: str) -> bool:
+        """True if the guest powered off on the ACPI request."""
+        if uuid in self.ignores_acpi:
+            return False
+        self.guests[uuid] = states.SHUTDOWN
+        return True
+
+    def power_state(self, instance: objects.Instance) -> str:
+        return self.guests.get(instance.uuid, states.NOSTATE)
+
+    def all_power_states(self) -> dict[str, str]:
+        self.calls.append(("all_power_states", None))
+        return dict(self.guests)
+
+    def console_output(self, instance: objects.Instance, lines: int) -> str:
+        self.calls.append(("console_output", instance.uuid))
+        return "\n".join(self.console.get(instance.uuid, "").splitlines()[-lines:])
+
+    def host_stats(self) -> objects.HostStats:
+        return objects.HostStats(
+            hostname=self.hostname, vcpus=8, memory_mb=16384, memory_mb_reserved=512,
+            libvirt_version="9.0.0", qemu_version="7.2.0", virt_type="kvm",
+            instances_path_free_mb=1000, instances_path_total_mb=2000,
+            image_cache_bytes=0, image_cache_files=0,
+            domains_running=sum(1 for p in self.guests.values() if p == states.RUNNING),
+            save_files_bytes=0, save_path_free_mb=1000)
+
+    # --- helpers for assertions ------------------------------------------------
+
+    def methods_called(self, uuid: str | None = None) -> list[str]:
+        return [m for m, u in self.calls if uuid is None or u == uuid]
