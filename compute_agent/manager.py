@@ -361,6 +361,34 @@ class ComputeManager:
             LOG.warning("reset_state: %s", note)
             return after.to_dict()
 
+    # --- the image cache -------------------------------------------------------
+
+    def _images_in_use(self) -> set[str]:
+        return {i.spec.image_id for i in self.store.list_instances()
+                if i.vm_state != states.DELETED and i.spec.image_id}
+
+    def age_image_cache(self) -> None:
+        removed = self.driver.age_image_cache(
+            self._images_in_use, self.conf.image.remove_unused_base_images_after)
+        LOG.debug("Image cache ageing pass removed %d file(s)", len(removed))
+
+    def cache_images(self, ctxt, image_ids: list[str]) -> None:
+        """Pre-fetch images into _base (cast). Each image is fetched, or its
+        failure logged and notified, independently of the others."""
+        with self._context(ctxt, None):
+            if not isinstance(image_ids, list):
+                LOG.warning("cache_images: image_ids must be a list, got %r", image_ids)
+                return
+            for image_id in image_ids:
+                try:
+                    objects.validate_image_id(image_id)
+                    self.driver.cache_image(image_id)
+                    LOG.info("Image %s is cached", image_id)
+                except exception.ComputeAgentError as exc:
+                    LOG.warning("Could not cache image %r: %s", image_id, exc)
+                    self._notify(ctxt, "cache_image", "error",
+                                 {"image_id": str(image_id)[:128], "message": str(exc)})
+
     # --- RPC: queries ------------------------------------------------------------
 
     @_expected

@@ -79,6 +79,10 @@ def validate_uuid(value: Any, name: str = "uuid") -> str:
     return canonical
 
 
+def validate_image_id(value: Any, name: str = "image.id") -> str:
+    return _str(value, name, _IMAGE_ID_RE, "an image id (letters, digits, '.', '_', '-')")
+
+
 @dataclass(frozen=True)
 class Flavor:
     name: str
@@ -308,8 +312,7 @@ class InstanceSpec:
         image_id = None
         if image is not None:
             image = _require_dict(image, "image")
-            image_id = _str(_get(image, "id", "image."), "image.id", _IMAGE_ID_RE,
-                            "an image id (letters, digits, '.', '_', '-')")
+            image_id = validate_image_id(_get(image, "id", "image."))
         networks = []
         for i, n in enumerate(_list(d, "networks")):
             n = _require_dict(n, f"networks[{i}]")
@@ -448,6 +451,8 @@ class HostStats:
     instances_path_total_mb: int
     image_cache_bytes: int
     image_cache_files: int
+    image_cache_hits: int
+    image_cache_misses: int
     domains_running: int
     save_files_bytes: int
     save_path_free_mb: int

@@ -69,6 +69,9 @@ def main(argv: list[str] | None = None) -> int:
     LOG.info("Consuming RPC on topic %s, server %s", rpc.TOPIC, CONF.host)
     if CONF.state_sync_interval:
         _periodic(stop, CONF.state_sync_interval, mgr.sync_power_states, "power-state-sync")
+    if CONF.image.cache_ageing_interval:
+        _periodic(stop, CONF.image.cache_ageing_interval, mgr.age_image_cache,
+                  "image-cache-ageing")
 
     stop.wait()
     server.stop()  # no new requests from here on

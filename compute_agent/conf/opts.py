@@ -61,8 +61,9 @@ libvirt_opts = [
 ]
 
 image_opts = [
-    cfg.StrOpt("backend", default="local", choices=["local"],
-               help="Image service: 'local' reads images from local_image_dir."),
+    cfg.StrOpt("backend", default="local", choices=["local", "glance"],
+               help="Image service: 'local' reads images from local_image_dir; 'glance' "
+                    "uses the Glance v2 API configured in [glance]."),
     cfg.StrOpt("local_image_dir", default="/var/lib/compute-agent/images",
                help="Directory of the local image service: <id> holds the image "
                     "data, <id>.json its record ({\"disk_format\": \"raw\"|\"qcow2\", "
@@ -74,10 +75,24 @@ image_opts = [
                help="CPU-seconds limit for each qemu-img run on image data."),
     cfg.IntOpt("qemu_img_address_space_mb", default=1024, min=64,
                help="Address-space limit (MiB) for each qemu-img run on image data."),
+    cfg.IntOpt("cache_ageing_interval", default=2400, min=0,
+               help="Seconds between image cache ageing passes (0 disables ageing)."),
+    cfg.IntOpt("remove_unused_base_images_after", default=86400, min=0,
+               help="A base file in _base that no instance on this host uses and that "
+                    "was last used this many seconds ago is removed by ageing."),
     cfg.IntOpt("min_free_disk_mb", default=256, min=0,
                help="Free space, beyond what an operation needs, that must remain "
                     "on instances_path after an image fetch or conversion."),
 ]
+
+
+def _glance_opts():
+    # keystoneauth1's session, auth and adapter options, as Nova has them.
+    from keystoneauth1 import loading as ks_loading
+    return (ks_loading.get_session_conf_options()
+            + ks_loading.get_auth_common_conf_options()
+            + ks_loading.get_auth_plugin_conf_options("password")
+            + ks_loading.get_adapter_conf_options())
 
 
 def list_opts():
@@ -85,4 +100,5 @@ def list_opts():
         ("DEFAULT", default_opts),
         ("libvirt", libvirt_opts),
         ("image", image_opts),
+        ("glance", _glance_opts()),
     ]

@@ -13,6 +13,8 @@ import contextlib
 import hashlib
 import os
 import threading
+import time
+from collections.abc import Callable
 
 from oslo_concurrency import lockutils
 from oslo_log import log as logging
@@ -43,7 +45,8 @@ class ImageCache:
         self.conf = conf
         self.images = image_service
         self.base_dir = os.path.join(conf.instances_path, "_base")
-        self.lock_path = os.path.join(conf.state_path, "locks")
+        self.lock_path = os.path.join(self.base_dir, ".locks")
+        self.hits = self.misses = 0
         limit = conf.max_concurrent_disk_ops
         self._disk_ops = (threading.BoundedSemaphore(limit) if limit
                           else contextlib.nullcontext())
@@ -71,21 +74,30 @@ class ImageCache:
     def path_for(self, image_id: str) -> str:
         return os.path.join(self.base_dir, base_name(image_id))
 
-    def ensure(self, image_id: str) -> str:
-        """Return the path of the raw base file, fetching it if missing."""
+    def _lock(self, image_id: str):
+        # Lock files live in _base itself, so agents sharing _base (shared
+        # instance storage) serialise on the same file.
+        return lockutils.lock("image-" + base_name(image_id), external=True,
+                              lock_path=self.lock_path)
+
+    def ensure(self, image_id: str, max_virtual_size: int | None = None) -> str:
+        """Return the path of the raw base file, fetching it if missing.
+
+        Always under the image's lock: the fetch happens once, and ageing (which
+        takes the same lock) cannot remove a file between this check and its
+        use, because the file's mtime is refreshed here."""
         path = self.path_for(image_id)
-        if os.path.exists(path):
-            return path
-        with lockutils.lock("image-" + base_name(image_id), external=True,
-                            lock_path=self.lock_path):
-            if os.path.exists(path):  # another spawn fetched it while we waited
-                LOG.debug("Image %s was fetched by a concurrent request", image_id)
+        with self._lock(image_id):
+            if os.path.exists(path):
+                os.utime(path)  # "last used", for ageing
+                self.hits += 1
                 return path
+            self.misses += 1
             with self._disk_ops:
-                self._fetch(image_id, path)
+                self._fetch(image_id, path, max_virtual_size)
         return path
 
-    def _fetch(self, image_id: str, path: str) -> None:
+    def _fetch(self, image_id: str, path: str, max_virtual_size: int | None) -> None:
         meta = self.images.show(image_id)
         reserve = self.conf.image.min_free_disk_mb
         check_free_space(self.base_dir, meta.size or 0, f"downloading image {image_id}",
@@ -93,9 +105,10 @@ class ImageCache:
         tmp = f"{path}{self._partial_prefix()}{os.getpid()}-{threading.get_ident()}"
         raw_tmp = tmp + ".raw"
         try:
+            LOG.info("Fetching image %s (%s, %s bytes)", image_id, meta.disk_format, meta.size)
             self._download(meta, tmp)
             info = inspector.inspect(tmp, image_id, meta.disk_format,
-                                     self.conf.image.allowed_disk_formats)
+                                     self.conf.image.allowed_disk_formats, max_virtual_size)
             if meta.disk_format != "raw":
                 check_free_space(self.base_dir, info.virtual_size,
                                  f"converting image {image_id} to raw", reserve)
@@ -110,6 +123,30 @@ class ImageCache:
             for leftover in (tmp, raw_tmp):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(leftover)
+
+    def age(self, in_use: Callable[[], set[str]], max_age: float) -> list[str]:
+        """Remove base files no instance uses and nobody used for ``max_age``
+        seconds. The in-use check is redone under each image's lock, so a spawn
+        that starts meanwhile either keeps its file or fetches it again."""
+        removed = []
+        used = {base_name(i) for i in in_use()}
+        for name in os.listdir(self.base_dir):
+            path = os.path.join(self.base_dir, name)
+            if len(name) != 40 or name in used or not os.path.isfile(path):
+                continue  # not a base file (locks, partial fetches) or in use
+            with lockutils.lock("image-" + name, external=True, lock_path=self.lock_path):
+                if name in {base_name(i) for i in in_use()}:
+                    continue
+                try:
+                    age = time.time() - os.stat(path).st_mtime
+                except FileNotFoundError:
+                    continue
+                if age < max_age:
+                    continue
+                os.unlink(path)
+            removed.append(name)
+            LOG.info("Image cache: removed %s, unused for %.0fs", name, age)
+        return removed
 
     def _download(self, meta, dest: str) -> None:
         hasher = hashlib.new(meta.hash_algo) if meta.hash_algo else None

@@ -22,7 +22,8 @@ _RAW_LIKE = {"raw", "gpt", "iso"}
 
 
 def inspect(path: str, image_id: str, declared_format: str,
-            allowed_formats: list[str]) -> qemu_img.DiskInfo:
+            allowed_formats: list[str], max_virtual_size: int | None = None
+            ) -> qemu_img.DiskInfo:
     def refuse(reason: str):
         raise exception.ImageUnacceptable(image_id=image_id, reason=reason)
 
@@ -42,6 +43,11 @@ def inspect(path: str, image_id: str, declared_format: str,
         found.safety_check()
     except format_inspector.SafetyCheckFailed as exc:
         refuse(f"it failed the safety checks: {exc}")
+    # Checked on the header before qemu-img reads the file at all.
+    if max_virtual_size is not None and detected != "raw" and \
+            found.virtual_size > max_virtual_size:
+        refuse(f"its virtual size ({found.virtual_size} bytes) is larger than the flavor's "
+               f"root disk ({max_virtual_size} bytes)")
 
     info = qemu_img.info(path, declared_format)
     if info.format != declared_format:
@@ -53,6 +59,9 @@ def inspect(path: str, image_id: str, declared_format: str,
     if detected != "raw" and found.virtual_size and found.virtual_size != info.virtual_size:
         refuse(f"the inspector finds a virtual size of {found.virtual_size} bytes but "
                f"qemu-img {info.virtual_size}")
+    if max_virtual_size is not None and info.virtual_size > max_virtual_size:
+        refuse(f"its virtual size ({info.virtual_size} bytes) is larger than the flavor's "
+               f"root disk ({max_virtual_size} bytes)")
     LOG.debug("Image %s passed inspection: %s, virtual size %d", image_id,
               declared_format, info.virtual_size)
     return info

@@ -9,7 +9,7 @@ from compute_agent.objects import ImageMeta
 
 
 class ImageService(abc.ABC):
-    """Where images come from. Backends: ``local`` (a directory)."""
+    """Where images come from. Backends: ``local`` (a directory), ``glance``."""
 
     @abc.abstractmethod
     def show(self, image_id: str) -> ImageMeta:
@@ -21,5 +21,8 @@ class ImageService(abc.ABC):
 
 
 def get_image_service(conf) -> ImageService:
+    if conf.image.backend == "glance":
+        from compute_agent.image import glance
+        return glance.GlanceImageService(conf)
     from compute_agent.image import local
     return local.LocalImageService(conf.image.local_image_dir)

@@ -60,6 +60,9 @@ class ComputeAPI:
         self._prepare(host).cast(ctxt, "resume", uuid=uuid,
                                  discard_saved_state=discard_saved_state)
 
+    def cache_images(self, ctxt, host: str, image_ids: list[str]) -> None:
+        self._prepare(host).cast(ctxt, "cache_images", image_ids=image_ids)
+
     # calls ---------------------------------------------------------------------
 
     def reset_state(self, ctxt, host: str, uuid: str, state: str) -> dict:

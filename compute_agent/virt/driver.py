@@ -73,6 +73,14 @@ class ComputeDriver(abc.ABC):
     def host_stats(self) -> HostStats:
         """Capacity and usage of this host."""
 
+    @abc.abstractmethod
+    def cache_image(self, image_id: str) -> None:
+        """Fetch an image into the host's cache if it is not there."""
+
+    @abc.abstractmethod
+    def age_image_cache(self, in_use: Callable[[], set[str]], max_age: float) -> list[str]:
+        """Remove cached images not in ``in_use()`` and unused for ``max_age`` s."""
+
     def is_connected(self) -> bool:
         return True
 

@@ -56,6 +56,7 @@ class FakeDriver(ComputeDriver):
         self.disks: dict[str, list[str]] = {}  # uuid -> disk names
         self.console: dict[str, str] = {}  # uuid -> console log text
         self.saved: set[str] = set()  # uuids with a managed-save image
+        self.cached: set[str] = set()  # image ids in the fake _base
         self.ignores_acpi: set[str] = set()  # guests that never power off on ACPI
         self.calls: list[tuple[str, str | None]] = []  # (method, uuid)
         self.on_power_state: PowerStateHandler | None = None
@@ -227,9 +228,19 @@ class FakeDriver(ComputeDriver):
             hostname=self.hostname, vcpus=8, memory_mb=16384, memory_mb_reserved=512,
             libvirt_version="9.0.0", qemu_version="7.2.0", virt_type="kvm",
             instances_path_free_mb=1000, instances_path_total_mb=2000,
-            image_cache_bytes=0, image_cache_files=0,
+            image_cache_bytes=0, image_cache_files=0, image_cache_hits=0, image_cache_misses=0,
             domains_running=sum(1 for p in self.guests.values() if p == states.RUNNING),
             save_files_bytes=0, save_path_free_mb=1000)
+
+    def cache_image(self, image_id: str) -> None:
+        self.calls.append(("cache_image", image_id))
+        self.images.show(image_id)
+        self.cached.add(image_id)
+
+    def age_image_cache(self, in_use, max_age: float) -> list[str]:
+        removed = sorted(self.cached - in_use())
+        self.cached -= set(removed)
+        return removed
 
     # --- helpers for assertions ------------------------------------------------
 

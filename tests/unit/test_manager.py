@@ -489,3 +489,26 @@ def test_get_host_status_counts_live_instances(manager, ctxt, make_spec, spawned
     assert (status["vcpus_used"], status["memory_mb_used"], status["root_gb_used"]) == (
         1, 512, 1)
     assert status["hostname"] == "h1" and status["libvirt_connected"] is True
+
+
+def test_cache_images_fetches_each_and_reports_failures_separately(manager, driver, images,
+                                                                   notifier, ctxt):
+    images.add("img-ok")
+    manager.cache_images(ctxt, ["img-ok", "no-such-image", "../etc"])
+    assert driver.cached == {"img-ok"}
+    errors = [payload for _, _, event, payload in notifier.sent
+              if event == "compute.instance.cache_image.error"]
+    assert [e["image_id"] for e in errors] == ["no-such-image", "../etc"]
+    assert "not found" in errors[0]["message"] and "field 'image.id'" in errors[1]["message"]
+
+
+def test_ageing_keeps_images_of_live_instances(manager, driver, images, ctxt, make_spec):
+    images.add("img-live")
+    images.add("img-gone")
+    live, gone = make_spec(image={"id": "img-live"}), make_spec(image={"id": "img-gone"})
+    manager.spawn(ctxt, live)
+    manager.spawn(ctxt, gone)
+    manager.delete(ctxt, gone["uuid"])
+    driver.cached = {"img-live", "img-gone"}
+    manager.age_image_cache()
+    assert driver.cached == {"img-live"}

@@ -73,7 +73,8 @@ class LibvirtDriver(driver.ComputeDriver):
         if spec.image_id is None:
             raise exception.NotSupported(what="Boot from volume")
         with journal.step("fetch_image"):
-            base = self.image_cache.ensure(spec.image_id)
+            max_size = spec.flavor.root_gb * disk.GiB if spec.flavor.root_gb else None
+            base = self.image_cache.ensure(spec.image_id, max_size)
         inst_dir = self.instance_dir(instance.uuid)
         try:
             os.mkdir(inst_dir, 0o755)
@@ -237,6 +238,14 @@ class LibvirtDriver(driver.ComputeDriver):
         guest.destroy()
         guest.undefine()
 
+    # --- the image cache -------------------------------------------------------
+
+    def cache_image(self, image_id: str) -> None:
+        self.image_cache.ensure(image_id)
+
+    def age_image_cache(self, in_use, max_age: float) -> list[str]:
+        return self.image_cache.age(in_use, max_age)
+
     # --- state and reports ---------------------------------------------------
 
     def power_state(self, instance: objects.Instance) -> str:
@@ -276,6 +285,7 @@ class LibvirtDriver(driver.ComputeDriver):
             instances_path_free_mb=st.f_bavail * st.f_frsize // MiB,
             instances_path_total_mb=st.f_blocks * st.f_frsize // MiB,
             image_cache_bytes=cache_bytes, image_cache_files=cache_files,
+            image_cache_hits=self.image_cache.hits, image_cache_misses=self.image_cache.misses,
             domains_running=running, save_files_bytes=_dir_bytes(self.conf.libvirt.save_path),
             save_path_free_mb=_free_mb(self.conf.libvirt.save_path))
 
