@@ -108,3 +108,17 @@ class HypervisorError(ComputeAgentError):
 
 class CommandFailed(ComputeAgentError):
     msg_fmt = "%(cmd)s failed (exit %(exit_code)s): %(stderr)s"
+
+
+# --- networking --------------------------------------------------------------
+
+class NetworkError(ComputeAgentError):
+    msg_fmt = "Network setup failed: %(reason)s"
+
+
+class NetworkConflict(NetworkError):
+    msg_fmt = "Network conflict on this host: %(reason)s"
+
+
+class FirewallError(ComputeAgentError):
+    msg_fmt = "Applying security group rules failed: %(reason)s"

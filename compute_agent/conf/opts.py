@@ -95,10 +95,47 @@ def _glance_opts():
             + ks_loading.get_adapter_conf_options())
 
 
+network_opts = [
+    cfg.ListOpt("allowed_physical_interfaces", default=[],
+                help="Host interfaces a flat or VLAN segment may use "
+                     "(segment.physical_interface). A flat segment enslaves the interface "
+                     "itself to the network's bridge, which takes its IP traffic away from "
+                     "the host: list only interfaces dedicated to guests. A spec naming any "
+                     "other interface is refused. Empty: only host-local flat networks "
+                     "(no physical_interface) and VXLAN."),
+    cfg.IPOpt("vxlan_local_ip", version=4,
+              help="Local VTEP address for VXLAN segments (the source of the UDP "
+                   "encapsulation). Required for specs with VXLAN segments."),
+    cfg.ListOpt("vxlan_remote_ips", default=[],
+                help="Remote VTEP addresses: broadcast, unknown-unicast and multicast "
+                     "frames of every VXLAN segment are sent to each (forwarding-database "
+                     "entries on the vxlan device); unicast destinations are learned."),
+    cfg.StrOpt("vxlan_underlay_interface",
+               help="Interface the VXLAN traffic leaves by (vxlan 'dev'); unset lets the "
+                    "routing table choose. A segment's physical_interface overrides it."),
+    cfg.PortOpt("vxlan_udp_port", default=4789, help="UDP port of VXLAN (IANA: 4789)."),
+    cfg.StrOpt("dnsmasq_path", default="dnsmasq",
+               help="The dnsmasq binary serving DHCP for networks with dhcp=true."),
+    cfg.IntOpt("dhcp_lease_time", default=3600, min=120,
+               help="Seconds of a DHCP lease (the addresses are static: a renewal "
+                    "always gets the same one)."),
+    cfg.ListOpt("dhcp_dns_servers", default=[],
+                help="DNS servers announced by DHCP (option 6); empty announces none."),
+    cfg.BoolOpt("enable_security_groups", default=True,
+                help="Filter each port's traffic with iptables/ebtables (security groups "
+                     "and anti-spoofing). Turn off only on hosts where another component "
+                     "does it."),
+    cfg.StrOpt("firewall_lock_file", default="/run/compute-agent-firewall.lock",
+               help="Lock file serialising this host's iptables/ebtables updates across "
+                    "agent processes (the ca-* chains are shared by all of them)."),
+]
+
+
 def list_opts():
     return [
         ("DEFAULT", default_opts),
         ("libvirt", libvirt_opts),
         ("image", image_opts),
         ("glance", _glance_opts()),
+        ("network", network_opts),
     ]
