@@ -19,6 +19,8 @@ left alone.
 
 from __future__ import annotations
 
+import dataclasses
+
 from oslo_concurrency import lockutils
 from oslo_log import log as logging
 
@@ -81,7 +83,12 @@ class NetworkDriver:
         self.apply_firewall(spec)
 
     def unplug(self, spec: objects.InstanceSpec) -> None:
-        self.firewall.remove(spec)
+        # Never remove chains a port of another instance here uses (same tap
+        # name): that is a conflict plug refused, not something of ours.
+        foreign = {model.tap_name(r.port_id) for r in self.registry.all_ports()
+                   if r.instance_uuid != spec.uuid}
+        mine = tuple(a for a in spec.networks if model.tap_name(a.port.id) not in foreign)
+        self.firewall.remove(dataclasses.replace(spec, networks=mine))
         for att in spec.networks:
             net = att.network
             with lockutils.lock("network-" + net.id):
