@@ -13,6 +13,8 @@ puts the instance in error with a fault naming the step.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import json
 import threading
 from collections.abc import Iterator
 
@@ -24,6 +26,7 @@ from oslo_log import log as logging
 from compute_agent import exception, objects, states
 from compute_agent.image.service import ImageService
 from compute_agent.journal import Journal
+from compute_agent.network import validate as network_validate
 from compute_agent.store import Store, now
 from compute_agent.virt.driver import ComputeDriver
 
@@ -96,6 +99,9 @@ class ComputeManager:
             settled = states.SUSPENDED
         if op_name == "delete":
             self._run(ctxt, inst, "delete", self._do_delete, resumed=True)
+        elif op_name == "update_security_groups" and inst.vm_state != states.ERROR:
+            # The record holds the old or the new groups: make the host match it.
+            self._run(ctxt, inst, op_name, self.driver.update_security_groups, resumed=True)
         elif settled is not None:
             LOG.info("Reconciled: %s ended with the guest %s; vm_state %s", op_name, power,
                      settled)
@@ -238,10 +244,8 @@ class ComputeManager:
                 return
             self._run(ctxt, inst, "spawn", self._do_spawn)
 
-    @staticmethod
-    def _check_supported(spec: objects.InstanceSpec) -> None:
-        if spec.networks:
-            raise exception.NotSupported(what="Attaching networks (spec field 'networks')")
+    def _check_supported(self, spec: objects.InstanceSpec) -> None:
+        network_validate.validate_spec(spec, self.conf.network)
         if spec.block_devices:
             raise exception.NotSupported(what="Volumes (spec field 'block_devices')")
 
@@ -337,6 +341,32 @@ class ComputeManager:
 
         check = "resume_discard" if discard_saved_state is True else "resume"
         self._cast(ctxt, uuid, check, "resume", body)
+
+    def update_security_groups(self, ctxt, uuid: str, security_groups: list) -> None:
+        """Replace the instance's security groups. Its ports' rules change in
+        one atomic step while the guest keeps running."""
+        try:
+            groups = network_validate.parse_security_groups(security_groups)
+        except exception.Invalid as exc:
+            with self._context(ctxt, uuid):
+                self._refuse(ctxt, uuid, "update_security_groups", exc)
+            return
+
+        def body(inst, journal):
+            current = self.store.get_instance(inst.uuid)  # under the instance lock now
+            allowed, _ = states.ALLOWED["update_security_groups"]
+            if current.vm_state not in allowed:
+                journal.note = f"instance became {current.vm_state} meanwhile; nothing done"
+                return
+            spec = dataclasses.replace(current.spec, security_groups=groups)
+            self.driver.update_security_groups(dataclasses.replace(current, spec=spec),
+                                               journal)
+            with journal.step("save_spec"):
+                self.store.update_instance(inst.uuid, spec=json.dumps(spec.to_dict()))
+            journal.note = "security groups: " + (", ".join(g.name for g in groups)
+                                                  or "(none: ingress closed)")
+
+        self._cast(ctxt, uuid, "update_security_groups", "update_security_groups", body)
 
     @_expected
     def reset_state(self, ctxt, uuid: str, state: str) -> dict:

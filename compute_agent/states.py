@@ -48,6 +48,9 @@ ALLOWED = {
     # Discarding saved memory is explicit and also allowed after a failed
     # restore left the instance in error with its save file kept.
     "resume_discard": ({SUSPENDED, ERROR}, RESUMING),
+    # Rules change while the guest runs (or is stopped/suspended); no task_state:
+    # the instance lock serialises it with other operations.
+    "update_security_groups": ({ACTIVE, STOPPED, SUSPENDED}, None),
 }
 
 

@@ -157,6 +157,17 @@ class Ctl:
         return self._lifecycle("resume", lambda: self.api.resume(
             self.ctxt, self.host, self.args.uuid, self.args.discard_saved_state))
 
+    def set_security_groups(self) -> int:
+        if self.args.file == "-":
+            groups = json.load(sys.stdin)
+        else:
+            with open(self.args.file) as f:
+                groups = json.load(f)
+        if isinstance(groups, dict):  # a whole spec, or {"security_groups": [...]}
+            groups = groups.get("security_groups", [])
+        return self._lifecycle("update_security_groups", lambda: self.api.update_security_groups(
+            self.ctxt, self.host, self.args.uuid, groups))
+
     def reset_state(self) -> int:
         _emit(self.args, _summary(self.api.reset_state(self.ctxt, self.host, self.args.uuid,
                                                        self.args.state)))
@@ -255,6 +266,13 @@ def _parser() -> argparse.ArgumentParser:
         if name == "resume":
             lp.add_argument("--discard-saved-state", action="store_true",
                             help="throw the saved memory away and cold-boot instead")
+
+    sg = sub.add_parser("set-security-groups",
+                        help="replace an instance's security groups (applied atomically)")
+    sg.add_argument("uuid")
+    sg.add_argument("file", help="JSON: a list of groups as in the spec's security_groups "
+                                 "(or an object with that key); '-' reads stdin")
+    sg.add_argument("--wait", action="store_true")
 
     rs = sub.add_parser("reset-state", help="force vm_state (then use reboot --hard)")
     rs.add_argument("uuid")

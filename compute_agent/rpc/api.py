@@ -14,6 +14,7 @@ from oslo_context import context as o_context
 
 from compute_agent import objects, rpc
 from compute_agent.manager import RPC_API_VERSION
+from compute_agent.network import validate as network_validate
 
 
 class ComputeAPI:
@@ -62,6 +63,14 @@ class ComputeAPI:
 
     def cache_images(self, ctxt, host: str, image_ids: list[str]) -> None:
         self._prepare(host).cast(ctxt, "cache_images", image_ids=image_ids)
+
+    def update_security_groups(self, ctxt, host: str, uuid: str, security_groups: list[dict],
+                               validate: bool = True) -> None:
+        """Replace an instance's security groups (same form as the spec's)."""
+        if validate:
+            network_validate.parse_security_groups(security_groups)
+        self._prepare(host).cast(ctxt, "update_security_groups", uuid=uuid,
+                                 security_groups=security_groups)
 
     # calls ---------------------------------------------------------------------
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import abc
 from collections.abc import Callable
 
+from compute_agent.exception import NotSupported
 from compute_agent.journal import Journal
 from compute_agent.objects import HostStats, Instance
 
@@ -80,6 +81,11 @@ class ComputeDriver(abc.ABC):
     @abc.abstractmethod
     def age_image_cache(self, in_use: Callable[[], set[str]], max_age: float) -> list[str]:
         """Remove cached images not in ``in_use()`` and unused for ``max_age`` s."""
+
+    def update_security_groups(self, instance: Instance, journal: Journal) -> None:
+        """Replace the firewall rules of the instance's ports with those of
+        ``instance.spec.security_groups``, atomically."""
+        raise NotSupported(what="Updating security groups with this driver")
 
     def is_connected(self) -> bool:
         return True

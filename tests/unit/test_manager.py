@@ -99,15 +99,25 @@ def test_spawn_not_a_dict_is_refused(manager, store, notifier, ctxt):
     assert notifier.events() == ["compute.instance.spawn.error"]
 
 
-def test_spawn_with_networks_is_refused_as_not_supported(manager, store, driver, ctxt,
-                                                         make_spec):
+def test_spawn_with_a_network_the_host_cannot_plug_is_refused(manager, store, driver, ctxt,
+                                                              make_spec):
+    # The port takes the DHCP server's address (the last usable one of the CIDR).
     spec = make_spec(networks=[{
-        "network": {"id": "n1", "bridge": "br0", "cidr": "10.0.0.0/24"},
-        "port": {"id": "p1", "mac": "fa:16:3e:00:00:01"}}])
+        "network": {"id": "n1", "bridge": "br0", "cidr": "10.0.0.0/24", "dhcp": True},
+        "port": {"id": "p1", "mac": "fa:16:3e:00:00:01", "ip": "10.0.0.254"}}])
     manager.spawn(ctxt, spec)
     assert store.list_instances() == [] and driver.calls == []
     (op,) = store.operations(uuid=spec["uuid"])
-    assert op.status == "refused" and "networks" in op.message
+    assert op.status == "refused" and "networks[0].port.ip" in op.message
+    assert "DHCP server" in op.message
+
+
+def test_spawn_with_networks_is_accepted(manager, store, ctxt, make_spec):
+    spec = make_spec(networks=[{
+        "network": {"id": "n1", "bridge": "br0", "cidr": "10.0.0.0/24", "dhcp": True},
+        "port": {"id": "p1", "mac": "fa:16:3e:00:00:01", "ip": "10.0.0.5"}}])
+    manager.spawn(ctxt, spec)
+    assert store.get_instance(spec["uuid"]).vm_state == "active"
 
 
 def test_spawn_duplicate_uuid_is_refused(manager, store, driver, notifier, ctxt, make_spec,

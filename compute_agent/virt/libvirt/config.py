@@ -32,6 +32,16 @@ class GuestSerialLog:
 
 
 @dataclass
+class GuestInterface:
+    """A virtio NIC on a Linux bridge; libvirt creates the tap named ``tap``."""
+
+    mac: str
+    bridge: str
+    tap: str
+    model: str = "virtio"
+
+
+@dataclass
 class GuestMetadata:
     name: str
     flavor_name: str
@@ -51,6 +61,7 @@ class GuestConfig:
     disks: list[GuestDisk] = field(default_factory=list)
     serial_log: GuestSerialLog | None = None
     machine: str = "pc"
+    interfaces: list[GuestInterface] = field(default_factory=list)
 
 
 def _sub(parent: etree._Element, tag: str, text: str | None = None, **attrs) -> etree._Element:
@@ -88,6 +99,8 @@ def to_xml(cfg: GuestConfig) -> str:
     devices = _sub(dom, "devices")
     for disk in cfg.disks:
         _disk(devices, disk)
+    for nic in cfg.interfaces:
+        _interface(devices, nic)
     if cfg.serial_log:
         # A file-backed serial port: everything the guest prints on ttyS0 ends
         # up in console.log (written by virtlogd, appended across restarts).
@@ -117,6 +130,14 @@ def _disk(devices: etree._Element, disk: GuestDisk) -> None:
     _sub(el, "driver", name="qemu", type=disk.driver_format, cache=disk.cache)
     _sub(el, "source", file=disk.path)
     _sub(el, "target", dev=disk.target_dev, bus=disk.bus)
+
+
+def _interface(devices: etree._Element, nic: GuestInterface) -> None:
+    el = _sub(devices, "interface", type="bridge")
+    _sub(el, "mac", address=nic.mac)
+    _sub(el, "source", bridge=nic.bridge)
+    _sub(el, "target", dev=nic.tap)
+    _sub(el, "model", type=nic.model)
 
 
 def parse_disks(xml: str) -> list[GuestDisk]:

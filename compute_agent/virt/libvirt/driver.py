@@ -13,6 +13,7 @@ from oslo_log import log as logging
 from compute_agent import exception, objects, states
 from compute_agent.image.cache import ImageCache, check_free_space
 from compute_agent.journal import Journal
+from compute_agent.network.vif import NetworkDriver
 from compute_agent.virt import driver
 from compute_agent.virt.libvirt import config, disk
 from compute_agent.virt.libvirt.guest import POWER_STATES, Guest
@@ -37,6 +38,7 @@ class LibvirtDriver(driver.ComputeDriver):
         self.conf = conf
         self.image_cache = image_cache
         self.host: Host | None = None
+        self.network = NetworkDriver(conf)
 
     def init_host(self, on_power_state: driver.PowerStateHandler) -> None:
         def on_event(uuid: str, event: int, detail: int) -> None:
@@ -86,6 +88,7 @@ class LibvirtDriver(driver.ComputeDriver):
         try:
             with journal.step("create_disks"):
                 disks = disk.create_disks(inst_dir, base, spec.flavor, spec.image_id)
+            self._plug_vifs(instance, journal)
             with journal.step("define_domain"):
                 guest = self._define(instance, disks)
             with journal.step("start_domain"):
@@ -94,8 +97,27 @@ class LibvirtDriver(driver.ComputeDriver):
             LOG.warning("Spawn failed at step %s; removing what it created",
                         journal.current_step)
             self._remove_domain(instance.uuid)
+            if spec.networks:
+                try:
+                    self.network.unplug(spec)
+                except Exception:
+                    LOG.exception("Could not unplug the ports of the failed spawn")
             shutil.rmtree(inst_dir, ignore_errors=True)
             raise
+
+    def _plug_vifs(self, instance: objects.Instance, journal: Journal) -> None:
+        """Bridges, segments, DHCP and firewall chains, before the domain is
+        defined: the guest never runs unprotected. Idempotent."""
+        if not instance.spec.networks:
+            return
+        with journal.step("plug_vifs"):
+            self.network.plug(instance.spec)
+        with journal.step("apply_firewall"):
+            self.network.apply_firewall(instance.spec)
+
+    def update_security_groups(self, instance: objects.Instance, journal: Journal) -> None:
+        with journal.step("apply_firewall"):
+            self.network.update_security_groups(instance.spec)
 
     def _define(self, instance: objects.Instance, disks: list[tuple[str, str]]) -> Guest:
         """Build the domain XML from the record, keep a copy for humans, define."""
@@ -115,6 +137,8 @@ class LibvirtDriver(driver.ComputeDriver):
             metadata=config.GuestMetadata(name=spec.name, flavor_name=spec.flavor.name,
                                           image_id=spec.image_id, host=self.conf.host),
             disks=[config.GuestDisk(path=p, target_dev=dev, cache=cache) for p, dev in disks],
+            interfaces=[config.GuestInterface(mac=v.mac, bridge=v.bridge, tap=v.tap)
+                        for v in self.network.vif_configs(spec)],
             serial_log=config.GuestSerialLog(
                 os.path.join(self.instance_dir(instance.uuid), "console.log")))
 
@@ -161,6 +185,7 @@ class LibvirtDriver(driver.ComputeDriver):
                 self.image_cache.ensure(instance.spec.image_id)
         with journal.step("ensure_disks"):
             disks = disk.ensure_disks(self.instance_dir(instance.uuid), instance.spec.flavor)
+        self._plug_vifs(instance, journal)
         with journal.step("define_domain"):
             guest = self._define(instance, disks)
         with journal.step("start_domain"):
@@ -226,6 +251,9 @@ class LibvirtDriver(driver.ComputeDriver):
     def destroy(self, instance: objects.Instance, journal: Journal) -> None:
         with journal.step("destroy_domain"):
             self._remove_domain(instance.uuid)
+        if instance.spec.networks:
+            with journal.step("unplug_vifs"):
+                self.network.unplug(instance.spec)
         with journal.step("remove_files"):
             inst_dir = self.instance_dir(instance.uuid)
             if os.path.isdir(inst_dir):
