@@ -5,11 +5,13 @@
 # before it acts.
 #
 # Usage: tools/prepare-host.sh            (as root)
-# Env:   VENV (default: <repo>/.venv), GUEST_DIR (default: /var/cache/compute-agent/guest)
+# Env:   VENV (default: <repo>/.venv), GLANCE_VENV (default: <repo>/.glance-venv),
+#        GUEST_DIR (default: /var/cache/compute-agent/guest)
 set -euo pipefail
 
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 VENV=${VENV:-$REPO/.venv}
+GLANCE_VENV=${GLANCE_VENV:-$REPO/.glance-venv}
 GUEST_DIR=${GUEST_DIR:-/var/cache/compute-agent/guest}
 PACKAGES=(libvirt-daemon-system libvirt-clients libvirt-dev pkg-config qemu-system-x86
           qemu-utils rabbitmq-server libxml2-utils python3-venv python3-dev gcc
@@ -82,6 +84,13 @@ say "Python virtualenv $VENV"
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
 "$VENV/bin/pip" install -q --disable-pip-version-check -e "$REPO[test]"
 "$VENV/bin/compute-agent-ctl" --help >/dev/null && echo "compute-agent installed"
+
+say "Glance (for the functional tests) in $GLANCE_VENV"
+# Its own virtualenv: Glance's pins must not constrain the agent's.
+[ -x "$GLANCE_VENV/bin/python" ] || python3 -m venv "$GLANCE_VENV"
+"$GLANCE_VENV/bin/python" -c 'import glance, gunicorn' 2>/dev/null || \
+    "$GLANCE_VENV/bin/pip" install -q --disable-pip-version-check 'glance==33.0.0' gunicorn
+"$GLANCE_VENV/bin/python" -c 'import glance; print("glance", glance.__file__)'
 
 say "Test guest images in $GUEST_DIR"
 mkdir -p "$GUEST_DIR"

@@ -22,8 +22,8 @@ class ContextSerializer(messaging.NoOpSerializer):
         return o_context.RequestContext.from_dict(ctxt or {})
 
 
-def get_transport(conf) -> messaging.Transport:
-    return messaging.get_rpc_transport(conf, allowed_remote_exmods=ALLOWED_EXMODS)
+def get_transport(conf, url: str | None = None) -> messaging.Transport:
+    return messaging.get_rpc_transport(conf, url=url, allowed_remote_exmods=ALLOWED_EXMODS)
 
 
 def get_notifier(conf, host: str) -> messaging.Notifier:

@@ -86,8 +86,7 @@ def image_dir(services, tmp_path_factory):
 def api(services):
     conf = cfg.CONF
     conf([], project="compute-agent-tests", default_config_files=[])
-    conf.set_override("transport_url", TRANSPORT_URL)
-    transport = rpc.get_transport(conf)
+    transport = rpc.get_transport(conf, url=TRANSPORT_URL)
     yield ComputeAPI(transport, timeout=30)
     transport.cleanup()
 
@@ -143,3 +142,13 @@ def domain_exists(uuid: str) -> bool:
         return False
     finally:
         conn.close()
+
+
+@pytest.fixture(scope="session")
+def glance(services):
+    """A real Glance API (sqlite, file store, no Keystone) for the whole session."""
+    from tests.functional.glance_fixture import GlanceServer
+    server = GlanceServer()
+    server.start()
+    yield server
+    server.cleanup()
