@@ -74,12 +74,13 @@ def _rule_match(rule: objects.SecurityGroupRule) -> list[str]:
     if rule.remote_ip_prefix is not None:
         m += ["-s" if rule.direction == "ingress" else "-d", rule.remote_ip_prefix]
     if rule.protocol is not None:
-        m += ["-p", rule.protocol, "-m", rule.protocol]
+        m += ["-p", rule.protocol]
         lo, hi = rule.port_range_min, rule.port_range_max
+        # The match module only with an option: "-m icmp" alone is an error.
         if rule.protocol == "icmp" and lo is not None:
-            m += ["--icmp-type", f"{lo}/{hi}" if hi is not None else str(lo)]
+            m += ["-m", "icmp", "--icmp-type", f"{lo}/{hi}" if hi is not None else str(lo)]
         elif lo is not None:
-            m += ["--dport", str(lo) if hi in (None, lo) else f"{lo}:{hi}"]
+            m += ["-m", rule.protocol, "--dport", str(lo) if hi in (None, lo) else f"{lo}:{hi}"]
     return m
 
 
