@@ -112,7 +112,8 @@ def test_libvirtd_restart_under_a_running_agent(api, kvm_agent):
     # The next operation works: the agent reconnected by itself.
     ctxt = api.new_context()
     api.reboot(ctxt, kvm_agent.host, spec["uuid"], "HARD")
-    assert _op(api, ctxt, kvm_agent.host, spec["uuid"])["status"] == "done"
+    op = _op(api, ctxt, kvm_agent.host, spec["uuid"])
+    assert op["status"] == "done", (op["message"], op["steps"])
     assert api.get_host_status(ctxt, kvm_agent.host)["libvirt_connected"] is True
     inst = api.get_instance(ctxt, kvm_agent.host, spec["uuid"])
     assert (inst["vm_state"], inst["power_state"]) == ("active", "running")

@@ -55,8 +55,14 @@ class Guest:
     def destroy(self) -> None:
         """Stop the QEMU process at once (like pulling the plug). No-op if off."""
         def fn(d):
-            if d.isActive():
+            if not d.isActive():
+                return
+            try:
                 d.destroy()
+            except libvirt.libvirtError as exc:
+                # It stopped between the check and the call: that is the goal.
+                if exc.get_error_code() != libvirt.VIR_ERR_OPERATION_INVALID or d.isActive():
+                    raise
         self._call("destroy", fn)
 
     def shutdown(self) -> None:
