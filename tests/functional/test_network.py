@@ -10,10 +10,13 @@ Every namespace, device, chain and dnsmasq is removed at the end.
 
 from __future__ import annotations
 
+import os
 import random
 import subprocess
+import time
 import uuid as uuidlib
 
+import libvirt
 import pytest
 from oslo_config import cfg
 
@@ -23,6 +26,8 @@ from compute_agent.network import firewall, model
 from compute_agent.network.iptables import Tables
 from compute_agent.network.linux_net import LinuxNet
 from compute_agent.network.vif import NetworkDriver
+from tests.functional.agent_fixture import wait_for, wait_for_console
+from tests.functional.conftest import make_spec
 from tests.functional.netns_env import NetEnv, run
 
 pytestmark = pytest.mark.skipif(
@@ -335,3 +340,125 @@ def test_vlan_segment(env, tmp_path):
                            mac=spec.networks[0].port.mac, cidr=f"{ip}/24", bridge_ns=host)
         guests.append(g)
     assert env.ping(guests[0], f"{sub}.12", count=2)
+
+
+# --- with the real agent and real guests (TCG) ------------------------------------
+
+def _wait_op(api, ctxt, host: str, uuid: str, name: str, timeout: float = 60) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ops = [o for o in api.get_operations(ctxt, host, uuid, limit=5) if o["name"] == name]
+        if ops and ops[0]["status"] != "running":
+            return ops[0]
+        time.sleep(0.3)
+    raise AssertionError(f"{name} of {uuid} did not finish in {timeout}s")
+
+
+def _unplug_after_agent(env: NetEnv, agent, specs: list[dict]) -> None:
+    """If the test stops half-way: stop the agent, remove its guests' domains
+    (their taps go with them), then unplug with the agent's own state."""
+    def cleanup():
+        agent.kill()
+        conn = libvirt.open("qemu:///system")
+        try:
+            for spec in specs:
+                try:
+                    dom = conn.lookupByUUIDString(spec["uuid"])
+                except libvirt.libvirtError:
+                    continue
+                if dom.isActive():
+                    dom.destroy()
+                dom.undefine()
+        finally:
+            conn.close()
+        driver = NetworkDriver(_conf(agent.state_path))
+        for spec in specs:
+            driver.unplug(objects.InstanceSpec.from_dict(spec))
+    env.cleanups.append(cleanup)
+
+
+@pytest.mark.tcg
+def test_real_guests_get_dhcp_and_follow_their_security_groups(api, ctxt, agent_factory,
+                                                                env):
+    agent = agent_factory("net", virt_type="qemu")
+    sub = _subnet()
+    net = {"id": f"ftnet-{env.suffix}", "bridge": env.name("ftbr"), "cidr": f"{sub}.0/24",
+           "gateway": f"{sub}.1", "dhcp": True}
+    specs = []
+    for letter, ip, groups in (("a", f"{sub}.5", [WEB]), ("b", f"{sub}.6", [])):
+        spec = make_spec(name=f"net-{letter}")
+        spec["networks"] = [{"network": net, "port": {
+            "id": f"{letter}{env.suffix}-port-x", "ip": ip,
+            "mac": f"fa:16:3e:{random.randrange(256):02x}:00:{ord(letter):02x}"}}]
+        spec["security_groups"] = groups
+        specs.append(spec)
+    _unplug_after_agent(env, agent, specs)
+    for spec in specs:
+        api.spawn(ctxt, agent.host, spec)
+    for spec in specs:
+        inst = wait_for(api, ctxt, agent.host, spec["uuid"],
+                        lambda i: i["task_state"] is None, what="spawn")
+        assert inst["vm_state"] == "active", (inst["fault"], agent.log_tail())
+    (a, b) = (s["uuid"] for s in specs)
+    steps = [s["name"] for s in api.get_operations(ctxt, agent.host, a)[0]["steps"]]
+    assert steps.index("plug_vifs") < steps.index("apply_firewall") \
+        < steps.index("define_domain")
+    xml = os.path.join(agent.instances_path, a, "libvirt.xml")
+    res = subprocess.run(["virt-xml-validate", xml, "domain"], capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout + res.stderr
+
+    # The taps libvirt made, named from the port ids, are on the bridge.
+    taps = [model.tap_name(s["networks"][0]["port"]["id"]) for s in specs]
+    assert set(taps) <= set(LinuxNet().bridge_ports(net["bridge"]))
+    client = env.netns("ftcl")
+    env.plug_namespace(net["bridge"], env.name("ftcl"), client, cidr=f"{sub}.100/24")
+
+    # Both guests take their static lease by DHCP.
+    for spec, ip in zip(specs, (f"{sub}.5", f"{sub}.6"), strict=True):
+        wait_for_console(api, ctxt, agent.host, spec["uuid"], f"GUEST-IP {ip}", timeout=180)
+    assert env.http_get(client, f"{sub}.5") == f"hostname=net-a ip={sub}.5"
+    assert not env.tcp_open(client, f"{sub}.6", 80), "b has no rule for port 80"
+    assert env.ping(client, f"{sub}.5", count=2)
+    assert not env.ping(client, f"{sub}.6")
+
+    # Security groups change over RPC while the guests run.
+    api.update_security_groups(ctxt, agent.host, a, [])
+    api.update_security_groups(ctxt, agent.host, b, [WEB])
+    for uuid in (a, b):
+        op = _wait_op(api, ctxt, agent.host, uuid, "update_security_groups")
+        assert op["status"] == "done", op
+    assert not env.tcp_open(client, f"{sub}.5", 80)
+    assert env.http_get(client, f"{sub}.6") == f"hostname=net-b ip={sub}.6"
+    assert api.get_instance(ctxt, agent.host, b)["spec"]["security_groups"][0]["name"] == "web"
+    with pytest.raises(exception.InvalidSpec):  # refused by the client before sending
+        api.update_security_groups(ctxt, agent.host, b, [{"name": "x", "rules": [
+            {"direction": "ingress", "protocol": "tcp", "port_range_min": 0}]}])
+
+    # Hard reboot re-plugs (idempotent); the guest comes back with its address.
+    api.reboot(ctxt, agent.host, b, "HARD")
+    wait_for(api, ctxt, agent.host, b, lambda i: i["task_state"] is None, what="reboot")
+    assert _wait_op(api, ctxt, agent.host, b, "reboot")["status"] == "done"
+    wait_for_console(api, ctxt, agent.host, b, "GUEST-BOOT 2", timeout=180)
+    deadline = time.monotonic() + 60
+    while env.http_get(client, f"{sub}.6") is None and time.monotonic() < deadline:
+        time.sleep(1)
+    assert env.http_get(client, f"{sub}.6") == f"hostname=net-b ip={sub}.6"
+
+    # Delete a: no chain, tap or lease of it is left; b keeps its network.
+    hosts = os.path.join(agent.state_path, "dhcp", net["id"], "hosts")
+    api.delete(ctxt, agent.host, a)
+    wait_for(api, ctxt, agent.host, a, lambda i: i["vm_state"] == "deleted", what="delete")
+    assert _chains_of(objects.InstanceSpec.from_dict(specs[0])) == []
+    assert not LinuxNet().exists(taps[0])
+    with open(hosts) as f:
+        assert [line.split(",")[1] for line in f.read().split()] == [f"{sub}.6"]
+    assert env.http_get(client, f"{sub}.6") is not None
+
+    # Delete b: the network is gone from the host.
+    env.unplug_root_device(env.name("ftcl"))
+    api.delete(ctxt, agent.host, b)
+    wait_for(api, ctxt, agent.host, b, lambda i: i["vm_state"] == "deleted", what="delete")
+    assert _chains_of(objects.InstanceSpec.from_dict(specs[1])) == []
+    assert not LinuxNet().exists(net["bridge"])
+    assert model.dhcp_namespace(net["id"]) not in LinuxNet.namespaces()
+    assert not os.path.exists(hosts)
