@@ -121,10 +121,12 @@ class LinuxNet:
 
     # --- bridges and segments ---------------------------------------------------
 
-    def ensure_bridge(self, name: str) -> Link:
-        """A Linux bridge, up, STP off, no forward delay, no IP address added."""
+    def ensure_bridge(self, name: str) -> bool:
+        """A Linux bridge, up, STP off, no forward delay, no IP address added.
+        True if it was created by this call."""
         with self._ipr() as ipr:
             link = self._get(ipr, name)
+            created = link is None
             if link is None:
                 self._call(ipr, f"creating bridge {name}", "link", "add", ifname=name,
                            kind="bridge", br_forward_delay=0, br_stp_state=0)
@@ -137,7 +139,7 @@ class LinuxNet:
             if not link.up:
                 self._call(ipr, f"setting {name} up", "link", "set", index=link.index,
                            state="up")
-            return self._get(ipr, name)
+            return created
 
     def _no_link_local(self, ipr: IPRoute, link: Link) -> None:
         if self.netns is None:

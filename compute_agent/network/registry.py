@@ -125,5 +125,12 @@ class PortRegistry:
         os.unlink(path)
         return True
 
+    def mark_created(self, network_id: str, device: str) -> None:
+        """Remember that the agent created ``device`` (it may remove it)."""
+        open(os.path.join(self._net_dir(network_id), f"created-{device}"), "w").close()
+
+    def created(self, network_id: str, device: str) -> bool:
+        return os.path.exists(os.path.join(self._net_dir(network_id), f"created-{device}"))
+
     def forget_network(self, network_id: str) -> None:
         shutil.rmtree(self._net_dir(network_id), ignore_errors=True)

@@ -24,7 +24,7 @@ import dataclasses
 from oslo_concurrency import lockutils
 from oslo_log import log as logging
 
-from compute_agent import objects
+from compute_agent import exception, objects
 from compute_agent.network import model
 from compute_agent.network.dhcp import DhcpServers
 from compute_agent.network.firewall import Firewall
@@ -51,15 +51,25 @@ class NetworkDriver:
         for att in spec.networks:
             with lockutils.lock("network-" + att.network.id):
                 self.registry.check_conflicts(spec.uuid, att)
-                self._ensure_network(att.network)
+                bridge_created = self._ensure_network(att.network)
                 self.registry.add(spec.uuid, spec.name, att)
+                if bridge_created:
+                    self.registry.mark_created(att.network.id, att.network.bridge)
                 self.dhcp.sync(att.network, self.registry.ports(att.network.id))
             LOG.info("Port %s (%s, %s) plugged on bridge %s", att.port.id, att.port.mac,
                      att.port.ip, att.network.bridge, instance_uuid=spec.uuid)
         return model.vif_configs(spec)
 
-    def _ensure_network(self, net: objects.Network) -> None:
-        self.linux.ensure_bridge(net.bridge)
+    def _ensure_network(self, net: objects.Network) -> bool:
+        """Bridge and segment; True if the bridge was created now."""
+        created = self.linux.ensure_bridge(net.bridge)
+        if not created and not self.registry.ports(net.id):
+            addresses = self.linux.addresses(net.bridge)
+            if addresses:
+                raise exception.NetworkConflict(
+                    reason=f"bridge {net.bridge} exists with addresses of this host "
+                           f"({', '.join(addresses)}); refusing to attach guests to a host "
+                           f"network")
         seg = net.segment
         dev = None
         if seg is not None and seg.type == "flat":
@@ -73,6 +83,7 @@ class NetworkDriver:
                 seg.physical_interface or c.vxlan_underlay_interface, c.vxlan_udp_port)
         if dev is not None:
             self.linux.enslave(net.bridge, dev)
+        return created
 
     def apply_firewall(self, spec: objects.InstanceSpec) -> None:
         if self.net_conf.enable_security_groups:
@@ -109,5 +120,7 @@ class NetworkDriver:
             return
         if model.owns_segment_device(net):
             self.linux.delete_device(seg_dev)
-        if self.linux.delete_device(net.bridge):
+        if not self.registry.created(net.id, net.bridge):
+            LOG.info("Bridge %s was there before the agent used it; leaving it", net.bridge)
+        elif self.linux.delete_device(net.bridge):
             LOG.info("Network %s: last port gone, bridge %s removed", net.id, net.bridge)

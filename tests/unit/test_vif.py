@@ -225,3 +225,19 @@ def test_interface_xml():
         "<interface type=\"bridge\"> <mac address=\"fa:16:3e:00:00:01\"/> "
         "<source bridge=\"br100\"/> <target dev=\"tapport-aaaaaa\"/> "
         "<model type=\"virtio\"/> </interface>").split()
+
+
+def test_a_bridge_that_was_there_before_is_used_but_never_removed(driver, kernel):
+    kernel.add_link("brq100", "bridge")
+    spec = _spec("01", "port-a", "10.0.0.5")
+    driver.plug(spec)
+    driver.unplug(spec)
+    assert "brq100" in kernel.links and "eth1.100" not in kernel.links
+
+
+def test_a_bridge_carrying_host_addresses_is_refused(driver, kernel):
+    br = kernel.add_link("brq100", "bridge")
+    kernel.addrs[br["index"]] = {("192.168.122.1", 24)}
+    with pytest.raises(exception.NetworkConflict, match="addresses of this host"):
+        driver.plug(_spec("01", "port-a", "10.0.0.5"))
+    assert driver.registry.all_ports() == []
