@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import json
 import threading
+import time
 from collections.abc import Iterator
 
 import oslo_messaging as messaging
@@ -23,7 +24,7 @@ from oslo_concurrency import lockutils
 from oslo_context import context as o_context
 from oslo_log import log as logging
 
-from compute_agent import exception, objects, states
+from compute_agent import exception, metrics, objects, states
 from compute_agent.image.service import ImageService
 from compute_agent.journal import Journal
 from compute_agent.network import validate as network_validate
@@ -160,6 +161,7 @@ class ComputeManager:
 
     def _refuse(self, ctxt, uuid: str, action: str, exc: Exception) -> None:
         LOG.warning("Refused %s: %s", action, exc)
+        metrics.observe_operation(action, "refused", 0.0)
         self.store.start_operation(str(uuid)[:64], action, ctxt.request_id, status="refused",
                                    message=str(exc))
         self._notify(ctxt, action, "error", {"uuid": uuid, "message": str(exc)})
@@ -176,6 +178,7 @@ class ComputeManager:
         """Run ``body(inst, journal)`` under the instance lock, journalled."""
         op_id = self.store.start_operation(inst.uuid, action, ctxt.request_id)
         journal = Journal(self.store, op_id, action)
+        started = time.monotonic()
         self._notify(ctxt, action, "start", inst.to_dict())
         LOG.info("%s%s started", action, " (resumed)" if resumed else "")
         with lockutils.lock("instance-" + inst.uuid):
@@ -190,9 +193,11 @@ class ComputeManager:
                     power_state=self._power_state(inst),
                     fault=objects.Fault(action, journal.current_step, message, now()))
                 self.store.finish_operation(op_id, "failed", message)
+                metrics.observe_operation(action, "failed", time.monotonic() - started)
                 self._notify(ctxt, action, "error", dict(failed.to_dict(), message=message))
                 return None
         self.store.finish_operation(op_id, "done", journal.note)
+        metrics.observe_operation(action, "done", time.monotonic() - started)
         LOG.info("%s finished%s", action, f": {journal.note}" if journal.note else "")
         self._notify(ctxt, action, "end", self._current(inst.uuid))
         return result
@@ -226,7 +231,8 @@ class ComputeManager:
         if isinstance(uuid, str):
             ctxt.resource_uuid = uuid[:64]
         ctxt.update_store()
-        yield
+        with metrics.rpc_in_flight():
+            yield
 
     # --- RPC: spawn and delete ---------------------------------------------------
 
@@ -420,6 +426,21 @@ class ComputeManager:
                                  {"image_id": str(image_id)[:128], "message": str(exc)})
 
     # --- RPC: queries ------------------------------------------------------------
+
+    def ping(self, ctxt) -> str:
+        """Answered by the server itself: used by health checks."""
+        return self.host
+
+    def metrics_snapshot(self) -> dict:
+        """State gauges for the metrics endpoint, read at scrape time."""
+        live = [i for i in self.store.list_instances() if i.vm_state != states.DELETED]
+        stats = self.driver.host_stats()
+        return {"instances": [(i.vm_state, i.power_state) for i in live],
+                "image_cache_bytes": stats.image_cache_bytes,
+                "image_cache_hits": stats.image_cache_hits,
+                "image_cache_misses": stats.image_cache_misses,
+                "save_files_bytes": stats.save_files_bytes,
+                "instances_path_free_bytes": stats.instances_path_free_mb * 1024 * 1024}
 
     @_expected
     def get_instance(self, ctxt, uuid: str) -> dict:

@@ -29,6 +29,18 @@ default_opts = [
     cfg.IntOpt("shutdown_timeout", default=60, min=0,
                help="Default seconds power_off waits for the guest to power off after "
                     "the ACPI request before it forces it off (0: force at once)."),
+    cfg.IntOpt("health_check_interval", default=15, min=1,
+               help="Seconds between health checks (libvirt answers; an RPC call to "
+                    "this agent through RabbitMQ answers). Under systemd with a "
+                    "watchdog, half of WatchdogSec is used instead."),
+    cfg.IntOpt("health_unreachable_timeout", default=60, min=1,
+               help="When libvirt or RabbitMQ has not answered for this many seconds, "
+                    "the agent stops pinging the systemd watchdog (which restarts it)."),
+    cfg.PortOpt("metrics_port", default=None,
+                help="Serve Prometheus metrics on this port (unset: no endpoint)."),
+    cfg.HostAddressOpt("metrics_host", default="127.0.0.1",
+                       help="Address the metrics endpoint listens on (loopback by "
+                            "default: expose it deliberately)."),
     cfg.IntOpt("graceful_shutdown_timeout", default=60, min=0,
                help="On SIGTERM, seconds to wait for running operations to reach "
                     "the end before the agent exits anyway."),

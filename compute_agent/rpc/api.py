@@ -74,6 +74,10 @@ class ComputeAPI:
 
     # calls ---------------------------------------------------------------------
 
+    def ping(self, ctxt, host: str, timeout: int | None = None,
+             retry: int | None = None) -> str:
+        return self._prepare(host, timeout, retry).call(ctxt, "ping")
+
     def reset_state(self, ctxt, host: str, uuid: str, state: str) -> dict:
         return self._prepare(host).call(ctxt, "reset_state", uuid=uuid, state=state)
 

@@ -90,5 +90,9 @@ class ComputeDriver(abc.ABC):
     def is_connected(self) -> bool:
         return True
 
+    def check_connection(self) -> bool:
+        """Reconnect to the hypervisor if needed; True when it answers."""
+        return True
+
     def cleanup_host(self) -> None:  # noqa: B027 - optional hook
         """Release connections on shutdown."""

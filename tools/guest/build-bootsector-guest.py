@@ -76,7 +76,7 @@ PROGRAM = [
     ([0x8E, 0xD8], "mov ds, ax                 ; DS = 0 (string addresses are absolute)"),
     ([0x8E, 0xD0], "mov ss, ax"),
     ([0xBC] + w(ORG), "mov sp, 0x7C00             ; stack grows down below the MBR"),
-    ([0xEA, abs16("main"), 0x00, 0x00], "jmp 0x0000:main            ; normalise CS:IP to 0000:7Cxx"),
+    ([0xEA, abs16("main"), 0x00, 0x00], "jmp 0x0000:main            ; CS:IP := 0000:7Cxx"),
     ("main",),
     ([0xFC], "cld"),
     ([0xFB], "sti                        ; the PIT tick must wake hlt"),
@@ -165,7 +165,7 @@ def assemble(program=PROGRAM, org=ORG):
     code, listing, pc = bytearray(), [], org
     for entry in program:
         if len(entry) == 1:
-            listing.append("%s:" % entry[0])
+            listing.append(f"{entry[0]}:")
             continue
         item, text = entry
         end = pc + item_size(item)
@@ -176,7 +176,7 @@ def assemble(program=PROGRAM, org=ORG):
                 if kind == "rel8":
                     d = labels[target] - end
                     if not -128 <= d <= 127:
-                        raise ValueError("short jump to %s out of range" % target)
+                        raise ValueError(f"short jump to {target} out of range")
                     out.append(d & 0xFF)
                 elif kind == "rel16":
                     out += w((labels[target] - end) & 0xFFFF)
@@ -184,7 +184,8 @@ def assemble(program=PROGRAM, org=ORG):
                     out += w(labels[target])
             else:
                 out.append(b)
-        listing.append("  %04X  %-24s %s" % (pc, " ".join("%02X" % b for b in out[:8]), text))
+        hexbytes = " ".join(f"{b:02X}" for b in out[:8])
+        listing.append(f"  {pc:04X}  {hexbytes:<24} {text}")
         code += bytes(out)
         pc = end
     return bytes(code), listing
@@ -193,7 +194,7 @@ def assemble(program=PROGRAM, org=ORG):
 def build_mbr():
     code, listing = assemble()
     if len(code) > 446:
-        raise ValueError("program is %d bytes; it must fit before the partition table" % len(code))
+        raise ValueError(f"program is {len(code)} bytes; it must fit before the partition table")
     mbr = code + bytes(446 - len(code)) + _partition_table() + b"\x55\xAA"
     return mbr, listing
 
@@ -219,7 +220,7 @@ def main(argv):
         print("\n".join(listing))
         return 0
     if len(argv) != 2 or argv[1].startswith("-"):
-        sys.stderr.write("usage: %s OUTPUT_PATH   (or --listing to print the program)\n" % argv[0])
+        sys.stderr.write(f"usage: {argv[0]} OUTPUT_PATH   (or --listing to print the program)\n")
         return 2
     out = argv[1]
     mbr, _ = build_mbr()
@@ -230,7 +231,7 @@ def main(argv):
                 return 0  # already up to date: leave the file (and its mtime) alone
     except OSError:
         pass
-    tmp = "%s.tmp.%d" % (out, os.getpid())
+    tmp = f"{out}.tmp.{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
             f.write(image)

@@ -58,6 +58,13 @@ class LibvirtDriver(driver.ComputeDriver):
     def is_connected(self) -> bool:
         return self.host is not None and self.host.is_alive()
 
+    def check_connection(self) -> bool:
+        try:
+            self.host.connect()
+        except exception.HypervisorUnavailable:
+            return False
+        return self.host.is_alive()
+
     # --- paths ---------------------------------------------------------------
 
     def instance_dir(self, uuid: str) -> str:

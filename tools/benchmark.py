@@ -1,0 +1,265 @@
+#!/usr/bin/env python3
+"""Benchmarks: the agent next to the floor of the same work, in the same run.
+
+Prints figures and ratios; asserts nothing about time. Writes a Markdown table
+and JSON to bench-results/ (or --out).
+
+    .venv/bin/python tools/benchmark.py                  # all scenarios
+    .venv/bin/python tools/benchmark.py spawn rpc --runs 10
+
+Scenarios:
+  spawn  RPC spawn of the boot-sector guest (cached image, KVM) to "running"
+         and to its GUEST-READY marker; floor: qemu-img create + defineXML +
+         create() of the same domain with libvirt-python.
+  rpc    sequential get_instance calls through RabbitMQ; floor: a bare
+         oslo.messaging echo server on the same broker.
+Needs what tools/prepare-host.sh sets up (libvirtd, RabbitMQ, guest images).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import hashlib
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid as uuidlib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+import libvirt  # noqa: E402
+import oslo_messaging as messaging  # noqa: E402
+from oslo_config import cfg  # noqa: E402
+
+from compute_agent import rpc  # noqa: E402
+from compute_agent.rpc.api import ComputeAPI  # noqa: E402
+from tests.functional.agent_fixture import TRANSPORT_URL, AgentProcess  # noqa: E402
+
+GUEST_DIR = os.environ.get("GUEST_DIR", "/var/cache/compute-agent/guest")
+POLL = 0.01
+
+
+def median(xs):
+    return statistics.median(xs) if xs else float("nan")
+
+
+def wait(pred, timeout=120):
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            raise TimeoutError
+        time.sleep(POLL)
+
+
+class Bench:
+    def __init__(self, runs: int):
+        self.runs = runs
+        self.rows: list[dict] = []
+        cfg.CONF([], project="compute-agent-bench", default_config_files=[])
+        self.transport = rpc.get_transport(cfg.CONF, url=TRANSPORT_URL)
+        self.api = ComputeAPI(self.transport, timeout=60)
+        self.image_dir = tempfile.mkdtemp(prefix="ca-bench-images-", dir="/var/tmp")
+        src = os.path.join(GUEST_DIR, "bootsector-guest.raw")
+        subprocess.run(["cp", src, os.path.join(self.image_dir, "bootsector")], check=True)
+        with open(os.path.join(self.image_dir, "bootsector.json"), "w") as f:
+            json.dump({"name": "bootsector", "disk_format": "raw"}, f)
+        self.agent = AgentProcess("bench", self.image_dir, "kvm",
+                                  "[DEFAULT]\nstate_sync_interval = 0\n")
+        self.agent.write_conf()
+        # INFO, not DEBUG: what an operator would run in production.
+        with open(self.agent.conf_path) as f:
+            conf = f.read().replace("debug = true", "debug = false")
+        with open(self.agent.conf_path, "w") as f:
+            f.write(conf)
+        self.agent.start(self.api, self.api.new_context())
+        self.conn = libvirt.open("qemu:///system")
+
+    def record(self, scenario, figure, unit, agent, floor, better="lower"):
+        ratio = median(agent) / median(floor) if floor else None
+        row = {"scenario": scenario, "figure": figure, "unit": unit,
+               "agent_median": round(median(agent), 4), "floor_median":
+               round(median(floor), 4) if floor else None,
+               "ratio": round(ratio, 3) if ratio else None, "runs": len(agent),
+               "better": better, "agent_all": [round(x, 4) for x in agent],
+               "floor_all": [round(x, 4) for x in floor]}
+        self.rows.append(row)
+        print(f"{scenario:6} {figure:34} agent {row['agent_median']:>9} {unit:5} "
+              f"floor {row['floor_median']!s:>9}  ratio {row['ratio']}", flush=True)
+
+    # --- spawn -----------------------------------------------------------------
+
+    def spawn(self):
+        agent_running, agent_ready, floor_running, floor_ready = [], [], [], []
+        host = self.agent.host
+        spec_base = {"name": "bench", "image": {"id": "bootsector"},
+                     "flavor": {"name": "b", "vcpus": 1, "memory_mb": 64, "root_gb": 1}}
+        # Warm the cache (and the first-define costs) once, outside the figures.
+        self._agent_spawn(dict(spec_base, uuid=str(uuidlib.uuid4())), host)
+        template = None
+        for _ in range(self.runs):
+            uuid = str(uuidlib.uuid4())
+            running, ready, xml = self._agent_spawn(dict(spec_base, uuid=uuid), host)
+            agent_running.append(running)
+            agent_ready.append(ready)
+            template = template or (uuid, xml)
+            self._agent_delete(uuid, host)
+            r, rd = self._floor_spawn(*template)
+            floor_running.append(r)
+            floor_ready.append(rd)
+        self.record("spawn", "RPC spawn -> domain running", "s", agent_running, floor_running)
+        self.record("spawn", "RPC spawn -> GUEST-READY", "s", agent_ready, floor_ready)
+
+    def _agent_spawn(self, spec, host):
+        ctxt = self.api.new_context()
+        t0 = time.monotonic()
+        self.api.spawn(ctxt, host, spec)
+        state = {}
+
+        def running():
+            try:
+                state.update(self.api.get_instance(ctxt, host, spec["uuid"]))
+            except Exception:
+                return False
+            return state.get("vm_state") in ("active", "error")
+
+        wait(running)
+        t_running = time.monotonic() - t0
+        assert state["vm_state"] == "active", state
+        console = os.path.join(self.agent.instances_path, spec["uuid"], "console.log")
+        wait(lambda: os.path.exists(console) and b"GUEST-READY" in open(console, "rb").read())
+        t_ready = time.monotonic() - t0
+        with open(os.path.join(self.agent.instances_path, spec["uuid"], "libvirt.xml")) as f:
+            xml = f.read()
+        return t_running, t_ready, xml
+
+    def _agent_delete(self, uuid, host):
+        ctxt = self.api.new_context()
+        self.api.delete(ctxt, host, uuid)
+        wait(lambda: self.api.get_instance(ctxt, host, uuid)["vm_state"] == "deleted")
+
+    def _floor_spawn(self, template_uuid, template_xml):
+        """The same work with bare qemu-img + libvirt-python."""
+        uuid = str(uuidlib.uuid4())
+        d = os.path.join(self.agent.instances_path, "floor-" + uuid)
+        base = os.path.join(self.agent.instances_path, "_base",
+                            hashlib.sha1(b"bootsector").hexdigest())
+        xml = template_xml.replace(template_uuid, uuid).replace(
+            os.path.join(self.agent.instances_path, template_uuid), d)
+        t0 = time.monotonic()
+        os.mkdir(d, 0o755)
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", base, "-F", "raw",
+                        os.path.join(d, "disk"), "1G"], check=True)
+        dom = self.conn.defineXML(xml)
+        dom.create()
+        t_running = time.monotonic() - t0
+        console = os.path.join(d, "console.log")
+        wait(lambda: os.path.exists(console) and b"GUEST-READY" in open(console, "rb").read())
+        t_ready = time.monotonic() - t0
+        dom.destroy()
+        dom.undefine()
+        subprocess.run(["rm", "-rf", d], check=True)
+        return t_running, t_ready
+
+    # --- rpc -------------------------------------------------------------------
+
+    def rpc(self):
+        host = self.agent.host
+        ctxt = self.api.new_context()
+        spec = {"uuid": str(uuidlib.uuid4()), "name": "rpc", "image": {"id": "bootsector"},
+                "flavor": {"name": "b", "vcpus": 1, "memory_mb": 64, "root_gb": 1}}
+        self.api.spawn(ctxt, host, spec)
+        wait(lambda: self.api.get_instance(ctxt, host, spec["uuid"])["vm_state"] == "active")
+        n = 300
+
+        class Echo:
+            target = messaging.Target(version="1.0")
+
+            def echo(self, ctxt, uuid):
+                return {"uuid": uuid}
+
+        server = messaging.get_rpc_server(
+            self.transport, messaging.Target(topic="bench-echo", server="echo"), [Echo()],
+            executor="threading", serializer=rpc.ContextSerializer())
+        server.start()
+        echo = messaging.get_rpc_client(self.transport, messaging.Target(
+            topic="bench-echo", server="echo", version="1.0"),
+            serializer=rpc.ContextSerializer())
+        agent_rates, floor_rates, agent_lat, floor_lat = [], [], [], []
+        try:
+            for _ in range(max(3, self.runs // 3)):
+                lat = []
+                t0 = time.monotonic()
+                for _ in range(n):
+                    t = time.monotonic()
+                    self.api.get_instance(ctxt, host, spec["uuid"])
+                    lat.append((time.monotonic() - t) * 1000)
+                agent_rates.append(n / (time.monotonic() - t0))
+                agent_lat.append(median(lat))
+                lat = []
+                t0 = time.monotonic()
+                for _ in range(n):
+                    t = time.monotonic()
+                    echo.call(ctxt, "echo", uuid=spec["uuid"])
+                    lat.append((time.monotonic() - t) * 1000)
+                floor_rates.append(n / (time.monotonic() - t0))
+                floor_lat.append(median(lat))
+        finally:
+            server.stop()
+            server.wait()
+        self.record("rpc", "get_instance calls per second", "1/s", agent_rates, floor_rates,
+                    better="higher")
+        self.record("rpc", "get_instance median latency", "ms", agent_lat, floor_lat)
+
+    def close(self):
+        self.agent.cleanup()
+        self.conn.close()
+        subprocess.run(["rm", "-rf", self.image_dir], check=True)
+        self.transport.cleanup()
+
+
+def write_report(rows, out_dir):
+    os.makedirs(out_dir, exist_ok=True)
+    machine = {"host": platform.node(), "cpus": os.cpu_count(),
+               "kernel": platform.release(), "python": platform.python_version(),
+               "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
+    with open(os.path.join(out_dir, "results.json"), "w") as f:
+        json.dump({"machine": machine, "results": rows}, f, indent=2)
+    lines = [f"Machine: {machine['cpus']} CPUs, kernel {machine['kernel']}, "
+             f"Python {machine['python']}, {machine['date']}", "",
+             "| scenario | figure | agent (median) | floor (median) | agent/floor | runs |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['scenario']} | {r['figure']} | {r['agent_median']} {r['unit']} | "
+                     f"{r['floor_median']} {r['unit']} | {r['ratio']} | {r['runs']} |")
+    with open(os.path.join(out_dir, "results.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("scenarios", nargs="*", default=["spawn", "rpc"],
+                   choices=["spawn", "rpc"])
+    p.add_argument("--runs", type=int, default=10)
+    p.add_argument("--out", default=os.path.join(REPO, "bench-results"))
+    args = p.parse_args()
+    bench = Bench(args.runs)
+    try:
+        for name in args.scenarios:
+            getattr(bench, name)()
+    finally:
+        bench.close()
+    write_report(bench.rows, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
