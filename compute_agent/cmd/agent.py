@@ -111,7 +111,9 @@ def main(argv: list[str] | None = None) -> int:
     if CONF.image.cache_ageing_interval:
         _periodic(stop, CONF.image.cache_ageing_interval, mgr.age_image_cache,
                   "image-cache-ageing")
-    systemd.notify_once()  # READY: connected, reconciled, consuming
+    # READY: connected, reconciled, consuming. notify() rather than notify_once():
+    # the latter unsets NOTIFY_SOCKET, which the watchdog pings still need.
+    systemd.notify()
 
     stop.wait()
     health.sd_notify("STOPPING=1")
