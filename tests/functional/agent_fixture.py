@@ -108,7 +108,11 @@ local_image_dir = {self.image_dir}
             return [r[0] for r in conn.execute("SELECT uuid FROM instances")]
 
     def cleanup(self) -> None:
+        t0 = time.monotonic()
         self.kill()
+        print(f"agent {self.host} stopped in {time.monotonic() - t0:.1f}s", file=sys.stderr)
+        if os.environ.get("KEEP_AGENT_LOGS"):
+            shutil.copy(self.log_path, f"/tmp/{self.host}.log")
         conn = libvirt.open("qemu:///system")
         try:
             for uuid in self.known_uuids():
