@@ -13,6 +13,14 @@ Scenarios:
          create() of the same domain with libvirt-python.
   rpc    sequential get_instance calls through RabbitMQ; floor: a bare
          oslo.messaging echo server on the same broker.
+  burst  10 concurrent spawns of one image not yet in _base, served by a local
+         Glance; floor: one curl + sha512sum + qemu-img convert, then 10
+         qemu-img create + define + create.
+  fetch  a 1 GiB qcow2 image from Glance into _base as raw, verified; floor:
+         curl to a file, sha512sum, qemu-img convert, one after another.
+  footprint  idle agent RSS and CPU over 60 s with 0 and 10 instances; one
+         periodic power-state sync with 10 and 50 domains; floor: one bare
+         getAllDomainStats call.
 Needs what tools/prepare-host.sh sets up (libvirtd, RabbitMQ, guest images).
 """
 
@@ -217,11 +225,228 @@ class Bench:
                     better="higher")
         self.record("rpc", "get_instance median latency", "ms", agent_lat, floor_lat)
 
+    def _wait_vm_state(self, ctxt, host, uuid, wanted, timeout=120):
+        wait(lambda: self.api.get_instance(ctxt, host, uuid)["vm_state"] in wanted, timeout)
+
+    # --- images from Glance -------------------------------------------------------
+
+    def _glance(self):
+        if getattr(self, "glance", None) is None:
+            from tests.functional.glance_fixture import GlanceServer
+            self.glance = GlanceServer()
+            self.glance.start()
+            self.gagent = AgentProcess("bench-glance", self.image_dir, "kvm", (
+                "[DEFAULT]\nstate_sync_interval = 0\nmax_concurrent_disk_ops = 2\n"
+                + self.glance.agent_conf()))
+            self.gagent.start(self.api, self.api.new_context())
+        return self.glance, self.gagent
+
+    def _floor_fetch(self, image_id, fmt, workdir) -> str:
+        """curl, sha512sum, qemu-img convert: one after another."""
+        src, raw = os.path.join(workdir, "src"), os.path.join(workdir, "raw")
+        subprocess.run(["curl", "-sf", "-o", src, f"{self.glance.endpoint}/v2/images/"
+                        f"{image_id}/file"], check=True)
+        subprocess.run(["sha512sum", src], check=True, capture_output=True)
+        subprocess.run(["qemu-img", "convert", "-f", fmt, "-O", "raw", src, raw], check=True)
+        os.unlink(src)
+        return raw
+
+    def _drop_base(self, agent, image_id):
+        path = os.path.join(agent.instances_path, "_base",
+                            hashlib.sha1(image_id.encode()).hexdigest())
+        if os.path.exists(path):
+            os.unlink(path)
+        return path
+
+    def fetch(self):
+        glance, agent = self._glance()
+        work = tempfile.mkdtemp(prefix="ca-bench-fetch-", dir="/var/tmp")
+        try:
+            raw = os.path.join(work, "1g.raw")
+            with open(raw, "wb") as f:
+                for _ in range(1024):
+                    f.write(os.urandom(1024 * 1024))
+            qcow2 = os.path.join(work, "1g.qcow2")
+            subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", raw, qcow2],
+                           check=True)
+            os.unlink(raw)
+            size = os.path.getsize(qcow2)
+            image_id = glance.upload(qcow2, "qcow2", "bench-1g")
+            os.unlink(qcow2)
+            agent_rate, floor_rate = [], []
+            for _ in range(max(3, self.runs // 3)):
+                base = self._drop_base(agent, image_id)
+                t0 = time.monotonic()
+                self.api.cache_images(self.api.new_context(), agent.host, [image_id])
+                wait(lambda base=base: os.path.exists(base), timeout=600)
+                agent_rate.append(size / 1e6 / (time.monotonic() - t0))
+                t0 = time.monotonic()
+                os.unlink(self._floor_fetch(image_id, "qcow2", work))
+                floor_rate.append(size / 1e6 / (time.monotonic() - t0))
+            self._drop_base(agent, image_id)
+        finally:
+            subprocess.run(["rm", "-rf", work], check=True)
+        self.record("fetch", "1 GiB qcow2 Glance -> raw _base", "MB/s", agent_rate,
+                    floor_rate, better="higher")
+
+    def burst(self):
+        glance, agent = self._glance()
+        work = tempfile.mkdtemp(prefix="ca-bench-burst-", dir="/var/tmp")
+        try:
+            raw = os.path.join(work, "burst.raw")
+            with open(os.path.join(GUEST_DIR, "bootsector-guest.raw"), "rb") as src, \
+                    open(raw, "wb") as f:
+                f.write(src.read(1024 * 1024))
+                for _ in range(255):
+                    f.write(os.urandom(1024 * 1024))
+            qcow2 = os.path.join(work, "burst.qcow2")
+            subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", raw, qcow2],
+                           check=True)
+            os.unlink(raw)
+            image_id = glance.upload(qcow2, "qcow2", "bench-burst")
+            os.unlink(qcow2)
+            agent_t, floor_t, downloads = [], [], []
+            spec = {"name": "burst", "image": {"id": image_id},
+                    "flavor": {"name": "b", "vcpus": 1, "memory_mb": 64, "root_gb": 1}}
+            for _ in range(max(3, self.runs // 3)):
+                self._drop_base(agent, image_id)
+                before = glance.downloads(image_id)
+                ctxt = self.api.new_context()
+                uuids = [str(uuidlib.uuid4()) for _ in range(10)]
+                t0 = time.monotonic()
+                for u in uuids:
+                    self.api.spawn(ctxt, agent.host, dict(spec, uuid=u))
+                for u in uuids:
+                    self._wait_vm_state(ctxt, agent.host, u, ("active", "error"), 600)
+                agent_t.append(time.monotonic() - t0)
+                downloads.append(glance.downloads(image_id) - before)
+                for u in uuids:
+                    self.api.delete(ctxt, agent.host, u)
+                for u in uuids:
+                    self._wait_vm_state(ctxt, agent.host, u, ("deleted",))
+                floor_t.append(self._floor_burst(image_id, work))
+        finally:
+            subprocess.run(["rm", "-rf", work], check=True)
+        self.record("burst", "10 spawns, cold cache -> all running", "s", agent_t, floor_t)
+        self.record("burst", "downloads per burst", "", downloads, [1] * len(downloads))
+
+    def _floor_burst(self, image_id, work) -> float:
+        t0 = time.monotonic()
+        base = self._floor_fetch(image_id, "qcow2", work)
+        doms = []
+        for i in range(10):
+            uuid = str(uuidlib.uuid4())
+            disk = os.path.join(work, f"disk{i}")
+            subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", base, "-F", "raw",
+                            disk, "1G"], check=True)
+            xml = (f"<domain type='kvm'><name>floor-{uuid}</name><uuid>{uuid}</uuid>"
+                        f"<memory unit='MiB'>64</memory><vcpu>1</vcpu><os><type arch='x86_64' "
+                        f"machine='pc'>hvm</type></os><features><acpi/><apic/></features>"
+                        f"<devices><disk type='file' device='disk'><driver name='qemu' "
+                        f"type='qcow2'/><source file='{disk}'/><target dev='vda' bus='virtio'/>"
+                        f"</disk></devices></domain>")
+            dom = self.conn.defineXML(xml)
+            dom.create()
+            doms.append(dom)
+        elapsed = time.monotonic() - t0
+        for dom in doms:
+            dom.destroy()
+            dom.undefine()
+        os.unlink(base)
+        return elapsed
+
+    # --- footprint ---------------------------------------------------------------
+
+    def footprint(self):
+        pid = self.agent.proc.pid
+        host = self.agent.host
+        for count in (0, 10):
+            ctxt = self.api.new_context()
+            uuids = [str(uuidlib.uuid4()) for _ in range(count)]
+            for u in uuids:
+                self.api.spawn(ctxt, host, {"uuid": u, "name": "idle", "image": {
+                    "id": "bootsector"}, "flavor": {"name": "b", "vcpus": 1, "memory_mb": 64,
+                                                    "root_gb": 1}})
+            for u in uuids:
+                self._wait_vm_state(ctxt, host, u, ("active",))
+            time.sleep(5)
+            cpu0, t0 = _cpu_seconds(pid), time.monotonic()
+            time.sleep(60)
+            cpu = (_cpu_seconds(pid) - cpu0) / (time.monotonic() - t0) * 100
+            self.record("footprint", f"idle RSS, {count} instances", "MB", [_rss_mb(pid)], [])
+            self.record("footprint", f"idle CPU, {count} instances", "%", [cpu], [])
+            for u in uuids:
+                self.api.delete(ctxt, host, u)
+            for u in uuids:
+                self._wait_vm_state(ctxt, host, u, ("deleted",))
+        for count in (10, 50):
+            self.record("footprint", f"power-state sync, {count} domains", "ms",
+                        *self._sync_cost(count))
+
+    def _sync_cost(self, count):
+        """Time ComputeManager.sync_power_states in-process against the real
+        libvirtd and a store holding ``count`` instances with defined domains."""
+        from compute_agent import manager, objects, store
+        from compute_agent.conf import CONF
+        from compute_agent.virt.libvirt.driver import LibvirtDriver
+        work = tempfile.mkdtemp(prefix="ca-bench-sync-", dir="/var/tmp")
+        db = store.Store(work)
+        drv = LibvirtDriver(CONF, image_cache=None)
+        mgr = manager.ComputeManager(CONF, db, drv, images=None)
+        drv.init_host(lambda *a: None)
+        doms = []
+        try:
+            for i in range(count):
+                uuid = str(uuidlib.uuid4())
+                db.create_instance(objects.Instance(spec=objects.InstanceSpec.from_dict({
+                    "uuid": uuid, "name": f"sync{i}", "image": {"id": "x"},
+                    "flavor": {"name": "b", "vcpus": 1, "memory_mb": 64, "root_gb": 1}}),
+                    host="bench", vm_state="stopped", power_state="shutdown"))
+                doms.append(self.conn.defineXML(
+                    f"<domain type='kvm'><name>sync-{uuid}</name><uuid>{uuid}</uuid>"
+                    f"<memory unit='MiB'>64</memory><os><type arch='x86_64'>hvm</type></os>"
+                    f"</domain>"))
+            agent_ms, floor_ms = [], []
+            for _ in range(max(5, self.runs)):
+                t0 = time.monotonic()
+                mgr.sync_power_states()
+                agent_ms.append((time.monotonic() - t0) * 1000)
+                t0 = time.monotonic()
+                self.conn.getAllDomainStats(libvirt.VIR_DOMAIN_STATS_STATE)
+                floor_ms.append((time.monotonic() - t0) * 1000)
+            return agent_ms, floor_ms
+        finally:
+            for dom in doms:
+                dom.undefine()
+            drv.cleanup_host()
+            db.close()
+            subprocess.run(["rm", "-rf", work], check=True)
+
     def close(self):
         self.agent.cleanup()
+        if getattr(self, "glance", None) is not None:
+            self.gagent.cleanup()
+            self.glance.cleanup()
         self.conn.close()
         subprocess.run(["rm", "-rf", self.image_dir], check=True)
         self.transport.cleanup()
+
+
+SCENARIOS = ["spawn", "burst", "fetch", "footprint", "rpc"]
+
+
+def _cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
 
 
 def write_report(rows, out_dir):
@@ -246,8 +471,7 @@ def write_report(rows, out_dir):
 def main():
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("scenarios", nargs="*", default=["spawn", "rpc"],
-                   choices=["spawn", "rpc"])
+    p.add_argument("scenarios", nargs="*", default=SCENARIOS, choices=SCENARIOS)
     p.add_argument("--runs", type=int, default=10)
     p.add_argument("--out", default=os.path.join(REPO, "bench-results"))
     args = p.parse_args()

@@ -99,7 +99,11 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGHUP, on_hup)
 
     server.start()
-    _wait_until_consuming(api, CONF.host, stop)
+    # In a thread of its own: oslo.context keeps the first context a thread
+    # creates, and the main thread's log lines are not this ping's.
+    pinger = threading.Thread(target=_wait_until_consuming, args=(api, CONF.host, stop))
+    pinger.start()
+    pinger.join()
     LOG.info("Consuming RPC on topic %s, server %s", rpc.TOPIC, CONF.host)
     monitor = _start_health(mgr, api, stop)
     if CONF.metrics_port:

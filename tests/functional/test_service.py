@@ -4,6 +4,7 @@ test, and the Prometheus metrics endpoint."""
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -196,3 +197,35 @@ def test_metrics_during_and_after_a_spawn(api, agent_factory):
     assert after["compute_agent_image_cache_bytes"] > 0
     assert after["compute_agent_instances_path_free_bytes"] > 0
     assert after["compute_agent_rabbitmq_up"] == 1
+
+
+def test_sighup_rereads_log_levels(api, agent_factory):
+    agent = agent_factory("sighup", virt_type="kvm")
+
+    def log_after(action) -> str:
+        start = os.path.getsize(agent.log_path)
+        action()
+        time.sleep(0.5)
+        with open(agent.log_path, errors="replace") as f:
+            f.seek(start)
+            return f.read()
+
+    def status():
+        api.get_host_status(api.new_context(), agent.host)
+
+    assert "DEBUG compute_agent.virt.libvirt.host" in log_after(status)
+
+    def set_debug(value: str):
+        with open(agent.conf_path) as f:
+            conf = f.read()
+        with open(agent.conf_path, "w") as f:
+            f.write(conf.replace("debug = true", f"debug = {value}").replace(
+                "debug = false", f"debug = {value}"))
+        agent.proc.send_signal(signal.SIGHUP)
+        time.sleep(1)
+
+    set_debug("false")
+    assert " DEBUG " not in log_after(status)
+    set_debug("true")
+    assert "DEBUG compute_agent.virt.libvirt.host" in log_after(status)
+    assert agent.proc.poll() is None, "SIGHUP must not stop the agent"
