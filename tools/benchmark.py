@@ -158,8 +158,9 @@ class Bench:
         d = os.path.join(self.agent.instances_path, "floor-" + uuid)
         base = os.path.join(self.agent.instances_path, "_base",
                             hashlib.sha1(b"bootsector").hexdigest())
-        xml = template_xml.replace(template_uuid, uuid).replace(
-            os.path.join(self.agent.instances_path, template_uuid), d)
+        xml = template_xml.replace(
+            os.path.join(self.agent.instances_path, template_uuid), d).replace(
+            template_uuid, uuid)
         t0 = time.monotonic()
         os.mkdir(d, 0o755)
         subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", base, "-F", "raw",

@@ -11,6 +11,7 @@ host) and talks to one agent through RabbitMQ.
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import sys
 import time
@@ -192,7 +193,8 @@ class Ctl:
                   f"{op['started_at']} -> {op['finished_at'] or '...'}"
                   + (f": {op['message']}" if op["message"] else ""))
             for s in op["steps"]:
-                print(f"    {s['name']:<18} {s['status']:<8} {s['started_at']}"
+                print(f"    {s['name']:<20} {s['status']:<8} {s['started_at']}  "
+                      f"{_duration(s['started_at'], s['finished_at']):>9}"
                       + (f"  {s['message']}" if s["message"] else ""))
         return 0
 
@@ -204,6 +206,13 @@ class Ctl:
     def host_status(self) -> int:
         _emit(self.args, self.api.get_host_status(self.ctxt, self.host))
         return 0
+
+
+def _duration(start: str, end: str | None) -> str:
+    if not end:
+        return "..."
+    delta = datetime.datetime.fromisoformat(end) - datetime.datetime.fromisoformat(start)
+    return f"{delta.total_seconds() * 1000:.0f} ms"
 
 
 def _summary(inst: dict, full: bool = False) -> dict:

@@ -40,6 +40,10 @@ def _start_event_loop() -> None:
     with _event_loop_lock:
         if _event_loop_started:
             return
+        # libvirt-python prints every error to stderr by default, including the
+        # expected ones ("Domain not found" on a lookup): errors reach us as
+        # exceptions, which Host.call logs and translates.
+        libvirt.registerErrorHandler(lambda ctx, err: None, None)
         libvirt.virEventRegisterDefaultImpl()
 
         def run():
