@@ -16,7 +16,8 @@ GUEST_DIR=${GUEST_DIR:-/var/cache/compute-agent/guest}
 PACKAGES=(libvirt-daemon-system libvirt-clients libvirt-dev pkg-config qemu-system-x86
           qemu-utils rabbitmq-server libxml2-utils python3-venv python3-dev gcc
           mtools dosfstools syslinux syslinux-common busybox-static cpio
-          iproute2 iptables procps ebtables dnsmasq-base iputils-ping netcat-openbsd tcpdump)
+          iproute2 iptables procps ebtables dnsmasq-base iputils-ping netcat-openbsd tcpdump
+          tgt qemu-block-extra libiscsi-bin ceph-mon ceph-osd ceph-common)
 
 say() { printf '\n==> %s\n' "$*"; }
 
