@@ -12,12 +12,10 @@ CONF = cfg.CONF
 
 
 def register_opts(conf: cfg.ConfigOpts) -> None:
-    for group, options in opts.list_opts():
-        if group == "glance":
-            continue  # keystoneauth1 registers these itself (auth plugins are dynamic)
+    # [glance] is registered by keystoneauth1 itself (its auth plugins are
+    # dynamic), and only when the Glance backend is used: see image/service.py.
+    for group, options in opts.agent_opts():
         conf.register_opts(options, group=None if group == "DEFAULT" else group)
-    from compute_agent.image import glance
-    glance.register_opts(conf)
 
 
 register_opts(CONF)

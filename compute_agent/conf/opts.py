@@ -44,6 +44,14 @@ default_opts = [
     cfg.IntOpt("graceful_shutdown_timeout", default=60, min=0,
                help="On SIGTERM, seconds to wait for running operations to reach "
                     "the end before the agent exits anyway."),
+    cfg.StrOpt("snapshots_directory", sample_default="<instances_path>/snapshots",
+               help="Where snapshots keep their temporary copies of root disks (unset: "
+                    "<instances_path>/snapshots). A snapshot is refused unless this "
+                    "filesystem can hold the copy plus [image] min_free_disk_mb. "
+                    "Must be traversable by the QEMU user for live snapshots."),
+    cfg.IntOpt("long_rpc_timeout", default=1800, min=1,
+               help="Timeout (s) of host-to-host RPC calls that may run long, such as "
+                    "preparing a live migration destination (which may fetch images)."),
 ]
 
 libvirt_opts = [
@@ -70,6 +78,56 @@ libvirt_opts = [
                     "ACPI request before it falls back to a hard reboot."),
     cfg.IntOpt("machine_memory_reserved_mb", default=512, min=0,
                help="Host memory kept back from guests when reporting capacity."),
+    cfg.BoolOpt("live_snapshot", default=True,
+                help="Snapshot a running instance live (its root disk mirrored into a copy "
+                     "while the guest runs). False: managed-save the guest while its disk "
+                     "is copied, then restore it (a pause as long as the copy)."),
+    cfg.StrOpt("snapshot_image_format", choices=["raw", "qcow2"],
+               help="Disk format of snapshot images. Unset: the instance's base image's "
+                    "format (qcow2 when that is unknown)."),
+    cfg.IntOpt("snapshot_copy_timeout", default=600, min=1,
+               help="Seconds a live snapshot waits for the mirror of the root disk to "
+                    "catch up with the guest's writes before it gives up."),
+]
+
+# [libvirt] options of live migration (compute_agent/live_migration.py,
+# virt/libvirt/migration.py).
+live_migration_opts = [
+    cfg.StrOpt("live_migration_uri",
+               help="libvirt URI by which other hosts reach this host's libvirtd when it "
+                    "is a live migration destination, e.g. qemu+tcp://10.0.0.2/system. "
+                    "Unset: connection_uri. A URI naming a host makes the source's libvirtd "
+                    "migrate peer-to-peer; a local one (qemu:///system) makes the source "
+                    "agent drive the migration over its own connection to it."),
+    cfg.HostAddressOpt("live_migration_inbound_addr",
+                       help="Address the migration stream of an incoming live migration "
+                            "is sent to and listened on (tcp://ADDR). Unset: libvirt's "
+                            "migration_host/migration_address from qemu.conf."),
+    cfg.IntOpt("live_migration_bandwidth", default=0, min=0,
+               help="Bandwidth cap of a live migration in MiB/s (0: unlimited)."),
+    cfg.IntOpt("live_migration_downtime", default=500, min=100,
+               help="Maximum downtime (ms) the guest may be paused for at the end of a "
+                    "live migration; the allowed downtime is raised to it in steps."),
+    cfg.IntOpt("live_migration_downtime_steps", default=10, min=3,
+               help="In how many steps the allowed downtime is raised to "
+                    "live_migration_downtime."),
+    cfg.IntOpt("live_migration_downtime_delay", default=75, min=3,
+               help="Seconds, per GiB of data to transfer, between two downtime steps."),
+    cfg.IntOpt("live_migration_completion_timeout", default=800, min=0,
+               help="Seconds, per GiB of data to transfer (memory, plus disks for a block "
+                    "migration), a live migration may run before "
+                    "live_migration_timeout_action is taken (0: no timeout)."),
+    cfg.StrOpt("live_migration_timeout_action", default="abort",
+               choices=["abort", "force_complete"],
+               help="On completion timeout: abort (the guest stays on the source) or "
+                    "force_complete (switch to post-copy when permitted, else pause the "
+                    "guest so the migration converges)."),
+    cfg.BoolOpt("live_migration_permit_post_copy", default=False,
+                help="Allow post-copy (the guest runs on the destination while its "
+                     "remaining memory is fetched): used by force_complete."),
+    cfg.BoolOpt("live_migration_permit_auto_converge", default=False,
+                help="Allow QEMU to throttle the guest's vCPUs so a migration converges "
+                     "(not combined with post-copy)."),
 ]
 
 image_opts = [
@@ -143,11 +201,16 @@ network_opts = [
 ]
 
 
-def list_opts():
+def agent_opts():
+    """Every group but [glance], whose options keystoneauth1 registers itself."""
     return [
         ("DEFAULT", default_opts),
-        ("libvirt", libvirt_opts),
+        ("libvirt", libvirt_opts + live_migration_opts),
         ("image", image_opts),
-        ("glance", _glance_opts()),
         ("network", network_opts),
     ]
+
+
+def list_opts():
+    """For oslo-config-generator: everything, [glance] included."""
+    return agent_opts() + [("glance", _glance_opts())]
