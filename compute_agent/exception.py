@@ -80,6 +80,21 @@ class ImageFetchFailed(ComputeAgentError):
     msg_fmt = "Fetching image %(image_id)s failed: %(reason)s"
 
 
+class ImageUploadFailed(ComputeAgentError):
+    msg_fmt = "Uploading image %(image_id)s failed: %(reason)s"
+
+
+# --- snapshots ---------------------------------------------------------------
+
+class SnapshotFailed(ComputeAgentError):
+    msg_fmt = "Snapshot of instance %(uuid)s failed: %(reason)s"
+
+
+class QuiesceNotSupported(Invalid):
+    msg_fmt = ("Instance %(uuid)s cannot be quiesced for a live snapshot: %(reason)s; its image "
+               "requires it (os_require_quiesce)")
+
+
 # --- the host --------------------------------------------------------------
 
 class InsufficientDiskSpace(ComputeAgentError):

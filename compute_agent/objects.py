@@ -434,6 +434,21 @@ class ImageMeta:
     hash_algo: str | None = None
     hash_value: str | None = None
     properties: dict = field(default_factory=dict)
+    min_disk: int = 0  # GiB
+    min_ram: int = 0  # MiB
+
+
+@dataclass
+class SnapshotPlan:
+    """How the driver will snapshot an instance, decided (and disk space checked)
+    before the image record is created."""
+
+    mode: str  # live | cold (stopped or suspended) | cold-saved (running; managed-saved)
+    disk_format: str  # raw | qcow2: the new image's format
+    consistency: str  # quiesced | crash-consistent | powered-off
+    virtual_size: int  # bytes the guest sees
+    allocated_bytes: int  # the root disk's allocation: top layer + base
+    needed_bytes: int  # extra space on the snapshots directory at the peak
 
 
 @dataclass

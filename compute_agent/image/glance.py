@@ -40,18 +40,17 @@ class GlanceImageService(ImageService):
             service_type=g.service_type or "image",
             interface=(g.valid_interfaces or ["public"])[0], region_name=g.region_name)
 
-    def _call(self, image_id: str, what: str, fn):
+    def _call(self, image_id: str, what: str, fn, error=exception.ImageFetchFailed):
         try:
             return fn()
         except glance_exc.HTTPNotFound:
             raise exception.ImageNotFound(image_id=image_id) from None
         except _UNREACHABLE as exc:
-            raise exception.ImageFetchFailed(
+            raise error(
                 image_id=image_id, reason=f"the image service is unreachable during {what}: "
                                           f"{exc}") from exc
         except (glance_exc.HTTPException, ks_exc.ClientException) as exc:
-            raise exception.ImageFetchFailed(image_id=image_id,
-                                             reason=f"{what} failed: {exc}") from exc
+            raise error(image_id=image_id, reason=f"{what} failed: {exc}") from exc
 
     def show(self, image_id: str) -> ImageMeta:
         image = self._call(image_id, "show", lambda: self.client.images.get(image_id))
@@ -63,7 +62,8 @@ class GlanceImageService(ImageService):
                          size=image.get("size"), hash_algo=image.get("os_hash_algo"),
                          hash_value=image.get("os_hash_value"),
                          properties={k: v for k, v in image.items()
-                                     if k.startswith(("hw_", "os_", "img_"))})
+                                     if k.startswith(("hw_", "os_", "img_"))},
+                         min_disk=image.get("min_disk") or 0, min_ram=image.get("min_ram") or 0)
 
     def download(self, image_id: str) -> Iterator[bytes]:
         # The cache verifies os_hash_value while it streams; glanceclient's
@@ -78,3 +78,46 @@ class GlanceImageService(ImageService):
             if chunk is None:
                 return
             yield chunk
+
+    # --- writing (snapshots) ---------------------------------------------------
+
+    def create_image(self, name: str, disk_format: str, container_format: str = "bare",
+                     min_disk: int = 0, min_ram: int = 0,
+                     properties: dict[str, str] | None = None) -> str:
+        image = self._call(name, "create", lambda: self.client.images.create(
+            name=name, disk_format=disk_format, container_format=container_format,
+            min_disk=min_disk, min_ram=min_ram, **(properties or {})),
+            error=exception.ImageUploadFailed)
+        LOG.debug("Created image %s (%s) in Glance, status %s", image["id"], name,
+                  image.get("status"))
+        return image["id"]
+
+    def upload(self, image_id: str, data: Iterator[bytes], size: int | None = None) -> None:
+        # glanceclient streams a file-like body in chunks (chunked encoding).
+        self._call(image_id, "upload",
+                   lambda: self.client.images.upload(image_id, _Reader(data), image_size=size),
+                   error=exception.ImageUploadFailed)
+
+    def delete(self, image_id: str) -> None:
+        self._call(image_id, "delete", lambda: self.client.images.delete(image_id),
+                   error=exception.ImageUploadFailed)
+
+
+class _Reader:
+    """A file-like view of an iterator of chunks (what glanceclient uploads)."""
+
+    def __init__(self, chunks: Iterator[bytes]):
+        self._chunks = iter(chunks)
+        self._buffer = b""
+
+    def read(self, size: int = -1) -> bytes:
+        while size < 0 or len(self._buffer) < size:
+            chunk = next(self._chunks, None)
+            if chunk is None:
+                break
+            self._buffer += chunk
+        if size < 0:
+            data, self._buffer = self._buffer, b""
+        else:
+            data, self._buffer = self._buffer[:size], self._buffer[size:]
+        return data

@@ -7,8 +7,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import uuid as uuidlib
 from collections.abc import Iterator
 
 from compute_agent import exception
@@ -53,3 +55,52 @@ class LocalImageService(ImageService):
         with f:
             while chunk := f.read(CHUNK):
                 yield chunk
+
+    # --- writing (snapshots): the record first, the data renamed into place ------
+
+    def create_image(self, name: str, disk_format: str, container_format: str = "bare",
+                     min_disk: int = 0, min_ram: int = 0,
+                     properties: dict[str, str] | None = None) -> str:
+        image_id = str(uuidlib.uuid4())
+        self._write_record(image_id, {
+            "name": name, "disk_format": disk_format, "container_format": container_format,
+            "min_disk": min_disk, "min_ram": min_ram, "properties": properties or {},
+            "status": "queued"})
+        return image_id
+
+    def upload(self, image_id: str, data: Iterator[bytes], size: int | None = None) -> None:
+        path, record = self._paths(image_id)
+        try:
+            with open(record) as f:
+                meta = json.load(f)
+        except FileNotFoundError:
+            raise exception.ImageNotFound(image_id=image_id) from None
+        tmp = f"{path}.part-{os.getpid()}"
+        hasher = hashlib.sha512()
+        try:
+            with open(tmp, "xb") as f:
+                for chunk in data:
+                    hasher.update(chunk)
+                    f.write(chunk)
+            os.rename(tmp, path)
+        except OSError as exc:
+            raise exception.ImageUploadFailed(image_id=image_id, reason=str(exc)) from exc
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        meta.update(status="active", os_hash_algo="sha512", os_hash_value=hasher.hexdigest())
+        self._write_record(image_id, meta)
+
+    def delete(self, image_id: str) -> None:
+        path, record = self._paths(image_id)
+        if not os.path.exists(record):
+            raise exception.ImageNotFound(image_id=image_id)
+        for p in (path, record):
+            if os.path.exists(p):
+                os.unlink(p)
+
+    def _write_record(self, image_id: str, meta: dict) -> None:
+        _, record = self._paths(image_id)
+        with open(record + ".tmp", "w") as f:
+            json.dump(meta, f)
+        os.rename(record + ".tmp", record)
