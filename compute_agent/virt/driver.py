@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from compute_agent.exception import NotSupported
 from compute_agent.journal import Journal
-from compute_agent.objects import HostStats, Instance
+from compute_agent.objects import HostStats, ImageMeta, Instance, SnapshotPlan
 
 # (instance uuid, new power_state)
 PowerStateHandler = Callable[[str, str], None]
+# Snapshots: upload(chunks, size in bytes) sends an image's data; progress(percent).
+UploadFn = Callable[[Iterator[bytes], int], None]
+ProgressFn = Callable[[int], None]
 
 
 class ComputeDriver(abc.ABC):
@@ -81,6 +84,23 @@ class ComputeDriver(abc.ABC):
     @abc.abstractmethod
     def age_image_cache(self, in_use: Callable[[], set[str]], max_age: float) -> list[str]:
         """Remove cached images not in ``in_use()`` and unused for ``max_age`` s."""
+
+    def prepare_snapshot(self, instance: Instance, base_image: ImageMeta | None) -> SnapshotPlan:
+        """Decide how to snapshot the root disk (live or cold, the image format)
+        and check there is disk space for it. Changes nothing."""
+        raise NotSupported(what="Snapshots with this driver")
+
+    def snapshot(self, instance: Instance, journal: Journal, plan: SnapshotPlan,
+                 upload: UploadFn, progress: ProgressFn) -> str:
+        """Copy the root disk as planned and ``upload`` it in the plan's format;
+        the instance ends in the state it was in. Every temporary file is gone
+        when this returns or raises. Returns a note on how it went."""
+        raise NotSupported(what="Snapshots with this driver")
+
+    def recover_snapshot(self, instance: Instance) -> str:
+        """After a restart: undo what an interrupted snapshot left (domain
+        transient, block job, managed save, temporary files). Returns a note."""
+        return ""
 
     def update_security_groups(self, instance: Instance, journal: Journal) -> None:
         """Replace the firewall rules of the instance's ports with those of

@@ -157,3 +157,21 @@ def parse_disks(xml: str) -> list[GuestDisk]:
             cache=driver.get("cache", "default") if driver is not None else "default",
             device=el.get("device", "disk")))
     return disks
+
+
+GUEST_AGENT_CHANNEL = "org.qemu.guest_agent.0"
+
+
+def has_guest_agent_channel(xml: str) -> bool:
+    """Whether the domain has the QEMU guest agent's virtio-serial channel."""
+    root = etree.fromstring(xml.encode())
+    return any(t.get("name") == GUEST_AGENT_CHANNEL
+               for t in root.findall("./devices/channel/target"))
+
+
+def copy_target_xml(path: str, driver_format: str = "qcow2") -> str:
+    """The <disk> a block copy job writes into."""
+    disk = etree.Element("disk", type="file")
+    _sub(disk, "driver", type=driver_format)
+    _sub(disk, "source", file=path)
+    return etree.tostring(disk, encoding="unicode")

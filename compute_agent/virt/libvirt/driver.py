@@ -15,7 +15,7 @@ from compute_agent.image.cache import ImageCache, check_free_space
 from compute_agent.journal import Journal
 from compute_agent.network.vif import NetworkDriver
 from compute_agent.virt import driver
-from compute_agent.virt.libvirt import config, disk
+from compute_agent.virt.libvirt import config, disk, snapshot
 from compute_agent.virt.libvirt.guest import POWER_STATES, Guest
 from compute_agent.virt.libvirt.host import Host
 
@@ -50,6 +50,7 @@ class LibvirtDriver(driver.ComputeDriver):
 
         self.host = Host(self.conf.libvirt.connection_uri, on_event)
         self.host.connect()
+        snapshot.remove_stale_files(self.conf)
 
     def cleanup_host(self) -> None:
         if self.host:
@@ -272,6 +273,21 @@ class LibvirtDriver(driver.ComputeDriver):
             return
         guest.destroy()
         guest.undefine()
+
+    # --- snapshots (the flows are in snapshot.py) ---------------------------------
+
+    def prepare_snapshot(self, instance: objects.Instance,
+                         base_image: objects.ImageMeta | None) -> objects.SnapshotPlan:
+        return snapshot.prepare(self, instance, self._require_guest(instance), base_image)
+
+    def snapshot(self, instance: objects.Instance, journal: Journal,
+                 plan: objects.SnapshotPlan, upload: driver.UploadFn,
+                 progress: driver.ProgressFn) -> str:
+        return snapshot.run(self, instance, self._require_guest(instance), journal, plan,
+                            upload, progress)
+
+    def recover_snapshot(self, instance: objects.Instance) -> str:
+        return snapshot.recover(self, instance)
 
     # --- the image cache -------------------------------------------------------
 

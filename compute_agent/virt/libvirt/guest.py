@@ -93,3 +93,36 @@ class Guest:
 
     def xml(self) -> str:
         return self._call("XMLDesc", lambda d: d.XMLDesc(0))
+
+    # --- live snapshots: a transient domain, a block copy job, the guest agent ---
+
+    def is_persistent(self) -> bool:
+        return self._call("isPersistent", lambda d: d.isPersistent()) == 1
+
+    def inactive_xml(self) -> str:
+        """The persistent definition (what defineXML takes back)."""
+        flags = libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE
+        return self._call("XMLDesc(inactive)", lambda d: d.XMLDesc(flags))
+
+    def make_transient(self) -> None:
+        """Remove the definition of a running domain: it keeps running, transient."""
+        self._call("undefineFlags(0)", lambda d: d.undefineFlags(0))
+
+    def block_copy(self, dev: str, dest_xml: str) -> None:
+        """Mirror disk ``dev`` into an existing image sharing its backing file."""
+        flags = libvirt.VIR_DOMAIN_BLOCK_COPY_SHALLOW | libvirt.VIR_DOMAIN_BLOCK_COPY_REUSE_EXT
+        self._call(f"blockCopy({dev})", lambda d: d.blockCopy(dev, dest_xml, {}, flags))
+
+    def block_job(self, dev: str) -> dict:
+        """{'cur', 'end', ...} of the disk's block job; {} when there is none."""
+        return self._call(f"blockJobInfo({dev})", lambda d: d.blockJobInfo(dev, 0)) or {}
+
+    def abort_block_job(self, dev: str) -> None:
+        """End the job; a mirror that caught up leaves a consistent copy."""
+        self._call(f"blockJobAbort({dev})", lambda d: d.blockJobAbort(dev, 0))
+
+    def freeze_filesystems(self) -> None:
+        self._call("fsFreeze", lambda d: d.fsFreeze())
+
+    def thaw_filesystems(self) -> None:
+        self._call("fsThaw", lambda d: d.fsThaw())
