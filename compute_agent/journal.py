@@ -43,6 +43,8 @@ class Journal:
         self.completed: list[str] = []
         # A sentence for the operation's record, e.g. how a reboot went.
         self.note: str | None = None
+        # What the current step produced, kept in its record (e.g. "image <id>").
+        self.step_result: str | None = None
 
     @contextlib.contextmanager
     def step(self, name: str) -> Iterator[None]:
@@ -53,6 +55,7 @@ class Journal:
             time.sleep(pause)
         seq = self._store.start_step(self.op_id, name)
         self.current_step = name
+        self.step_result = None
         started = time.monotonic()
         LOG.debug("%s: step %s started", self.operation, name)
         try:
@@ -62,7 +65,7 @@ class Journal:
             LOG.debug("%s: step %s failed after %.3fs: %s", self.operation, name,
                       time.monotonic() - started, exc)
             raise
-        self._store.finish_step(self.op_id, seq, "done")
+        self._store.finish_step(self.op_id, seq, "done", self.step_result)
         self.completed.append(name)
         self.current_step = None
         LOG.debug("%s: step %s done in %.3fs", self.operation, name, time.monotonic() - started)
@@ -77,6 +80,7 @@ class NullJournal(Journal):
         self.current_step = None
         self.completed = []
         self.note = None
+        self.step_result = None
 
     @contextlib.contextmanager
     def step(self, name: str) -> Iterator[None]:

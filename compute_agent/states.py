@@ -23,6 +23,8 @@ POWERING_OFF = "powering_off"
 POWERING_ON = "powering_on"
 SUSPENDING = "suspending"
 RESUMING = "resuming"
+IMAGE_SNAPSHOT = "image_snapshot"
+IMAGE_UPLOADING = "image_uploading"
 
 # power_state
 NOSTATE = "nostate"
@@ -51,6 +53,10 @@ ALLOWED = {
     # Rules change while the guest runs (or is stopped/suspended); no task_state:
     # the instance lock serialises it with other operations.
     "update_security_groups": ({ACTIVE, STOPPED, SUSPENDED}, None),
+    # The root disk becomes a new image: live while running, cold otherwise (a
+    # suspended instance stays suspended). task_state moves on to
+    # image_uploading; a failure leaves vm_state as it was.
+    "snapshot": ({ACTIVE, STOPPED, SUSPENDED}, IMAGE_SNAPSHOT),
 }
 
 

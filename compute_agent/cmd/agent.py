@@ -122,7 +122,11 @@ def main(argv: list[str] | None = None) -> int:
     stop.wait()
     health.sd_notify("STOPPING=1")
     server.stop()  # no new requests from here on
-    waiter = threading.Thread(target=server.wait, daemon=True)
+    def drain():  # requests in flight, then background work (snapshot uploads)
+        server.wait()
+        mgr.wait_for_background()
+
+    waiter = threading.Thread(target=drain, daemon=True)
     waiter.start()
     waiter.join(CONF.graceful_shutdown_timeout)
     if waiter.is_alive():

@@ -77,15 +77,19 @@ class Ctl:
                 inst = None
             if mine and mine["status"] != "running" and inst is not None:
                 if tty:
-                    sys.stderr.write("\r" + " " * 78 + "\r")
+                    sys.stderr.write("\r" + " " * 120 + "\r")
                 return inst, mine
             step = (mine["steps"][-1]["name"] if mine and mine["steps"] else "queued")
             state = (f"{inst['vm_state']}/{inst['task_state']} ({step})" if inst
                      else "accepted")
+            percent = inst.get("progress") if inst and inst["task_state"] else None
             if tty:
-                sys.stderr.write(f"\r{spinner[tick % 4]} {action} {uuid}: {state}   ")
-            elif state != last:
-                sys.stderr.write(f"{action} {uuid}: {state}\n")
+                sys.stderr.write(f"\r{spinner[tick % 4]} {action} {uuid}: {state}"
+                                 f"{_bar(percent)}   ")
+            else:  # a line per change; progress in steps of 10%
+                state += _bar(None if percent is None else percent // 10 * 10)
+                if state != last:
+                    sys.stderr.write(f"{action} {uuid}: {state}\n")
             last = state
             sys.stderr.flush()
             tick += 1
@@ -169,6 +173,20 @@ class Ctl:
         return self._lifecycle("update_security_groups", lambda: self.api.update_security_groups(
             self.ctxt, self.host, self.args.uuid, groups))
 
+    def snapshot(self) -> int:
+        image_id = self.api.snapshot(self.ctxt, self.host, self.args.uuid, self.args.name)
+        print(f"snapshot of {self.args.uuid} into image {image_id} started "
+              f"(request {self.ctxt.request_id})", file=sys.stderr)
+        print(image_id)
+        if not self.args.wait:
+            return 0
+        _, op = self.wait(self.args.uuid, "snapshot")
+        if op["status"] != "done":
+            print(f"ERROR: snapshot {op['status']}: {op['message']}", file=sys.stderr)
+            return 1
+        print(f"snapshot: {op['message']}", file=sys.stderr)
+        return 0
+
     def reset_state(self) -> int:
         _emit(self.args, _summary(self.api.reset_state(self.ctxt, self.host, self.args.uuid,
                                                        self.args.state)))
@@ -213,6 +231,13 @@ def _duration(start: str, end: str | None) -> str:
         return "..."
     delta = datetime.datetime.fromisoformat(end) - datetime.datetime.fromisoformat(start)
     return f"{delta.total_seconds() * 1000:.0f} ms"
+
+
+def _bar(percent: int | None, width: int = 20) -> str:
+    if percent is None:
+        return ""
+    filled = width * percent // 100
+    return f" [{'#' * filled}{'.' * (width - filled)}] {percent:3d}%"
 
 
 def _summary(inst: dict, full: bool = False) -> dict:
@@ -282,6 +307,13 @@ def _parser() -> argparse.ArgumentParser:
     sg.add_argument("file", help="JSON: a list of groups as in the spec's security_groups "
                                  "(or an object with that key); '-' reads stdin")
     sg.add_argument("--wait", action="store_true")
+
+    sn = sub.add_parser("snapshot", help="create an image from the root disk (live when "
+                                         "running); prints the new image's id")
+    sn.add_argument("uuid")
+    sn.add_argument("name", help="the new image's name")
+    sn.add_argument("--wait", action="store_true",
+                    help="follow the copy and upload to their end, with a progress bar")
 
     rs = sub.add_parser("reset-state", help="force vm_state (then use reboot --hard)")
     rs.add_argument("uuid")

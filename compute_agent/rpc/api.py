@@ -81,6 +81,13 @@ class ComputeAPI:
     def reset_state(self, ctxt, host: str, uuid: str, state: str) -> dict:
         return self._prepare(host).call(ctxt, "reset_state", uuid=uuid, state=state)
 
+    def snapshot(self, ctxt, host: str, uuid: str, name: str) -> str:
+        """Create an image from the instance's root disk: returns the new image's
+        id at once; the copy and upload go on (task_state image_snapshot, then
+        image_uploading, ``progress`` in get_instance). Follow the operation
+        with get_operations (this context's request id)."""
+        return self._prepare(host).call(ctxt, "snapshot", uuid=uuid, name=name)
+
     def get_instance(self, ctxt, host: str, uuid: str) -> dict:
         return self._prepare(host).call(ctxt, "get_instance", uuid=uuid)
 

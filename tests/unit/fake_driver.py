@@ -26,6 +26,8 @@ class FakeImageService(ImageService):
 
     def __init__(self):
         self.images: dict[str, tuple[objects.ImageMeta, bytes]] = {}
+        self.created: dict[str, dict] = {}
+        self.status: dict[str, str] = {}
 
     def add(self, image_id: str, data: bytes = b"\0" * 512, disk_format: str = "raw",
             name: str | None = None) -> objects.ImageMeta:
@@ -46,6 +48,39 @@ class FakeImageService(ImageService):
         data = self.images[image_id][1]
         for i in range(0, len(data), 64 * 1024):
             yield data[i:i + 64 * 1024]
+
+    # Writing (snapshots): ``created`` keeps each new image's record and
+    # ``status`` its Glance-like status; ``fail_upload``/``fail_delete`` inject errors.
+    fail_upload: Exception | None = None
+    fail_delete: Exception | None = None
+
+    def create_image(self, name, disk_format, container_format="bare", min_disk=0, min_ram=0,
+                     properties=None) -> str:
+        image_id = f"snap-{len(self.created) + 1}"
+        self.created[image_id] = {"name": name, "disk_format": disk_format,
+                                  "container_format": container_format, "min_disk": min_disk,
+                                  "min_ram": min_ram, "properties": dict(properties or {})}
+        self.status[image_id] = "queued"
+        return image_id
+
+    def upload(self, image_id: str, data: Iterator[bytes], size: int | None = None) -> None:
+        self.status[image_id] = "saving"
+        body = b"".join(data)
+        if self.fail_upload is not None:
+            raise self.fail_upload
+        if size is not None and len(body) != size:
+            raise exception.ImageUploadFailed(image_id=image_id, reason="size mismatch")
+        self.add(image_id, body, self.created[image_id]["disk_format"],
+                 self.created[image_id]["name"])
+        self.status[image_id] = "active"
+
+    def delete(self, image_id: str) -> None:
+        if self.fail_delete is not None:
+            raise self.fail_delete
+        if self.status.get(image_id, "deleted") == "deleted":
+            raise exception.ImageNotFound(image_id=image_id)
+        self.status[image_id] = "deleted"
+        self.images.pop(image_id, None)
 
 
 class FakeDriver(ComputeDriver):
@@ -241,6 +276,49 @@ class FakeDriver(ComputeDriver):
         removed = sorted(self.cached - in_use())
         self.cached -= set(removed)
         return removed
+
+    # Snapshots: ``snapshot_hook(stage)`` (stage "copy" or "upload") runs inside
+    # the flow, e.g. to block it or to look at the instance meanwhile;
+    # ``snapshot_error`` makes prepare_snapshot refuse.
+    snapshot_hook = None
+    snapshot_error: Exception | None = None
+
+    def prepare_snapshot(self, instance: objects.Instance,
+                         base_image: objects.ImageMeta | None) -> objects.SnapshotPlan:
+        uuid = self._require_guest(instance)
+        self.calls.append(("prepare_snapshot", uuid))
+        if self.snapshot_error is not None:
+            raise self.snapshot_error
+        power = self.guests[uuid]
+        fmt = base_image.disk_format if base_image and base_image.disk_format in (
+            "raw", "qcow2") else "qcow2"
+        return objects.SnapshotPlan(
+            mode="live" if power == states.RUNNING else "cold", disk_format=fmt,
+            consistency="powered-off" if power == states.SHUTDOWN else "crash-consistent",
+            virtual_size=4096, allocated_bytes=2048, needed_bytes=1024)
+
+    def snapshot(self, instance: objects.Instance, journal: Journal,
+                 plan: objects.SnapshotPlan, upload, progress) -> str:
+        uuid = self._require_guest(instance)
+        self.calls.append(("snapshot", uuid))
+        with self._step(journal, "copy_disk"):
+            if self.snapshot_hook:
+                self.snapshot_hook("copy")
+            progress(40)
+        def data():  # read by the upload, as the real driver's stream is
+            if self.snapshot_hook:
+                self.snapshot_hook("upload")
+            yield b"\1" * 2048
+            yield b"\0" * 2048
+            progress(100)
+
+        with self._step(journal, "upload"):
+            upload(data(), 4096)
+        return "fake copy"
+
+    def recover_snapshot(self, instance: objects.Instance) -> str:
+        self.calls.append(("recover_snapshot", instance.uuid))
+        return "nothing to undo"
 
     # --- helpers for assertions ------------------------------------------------
 
