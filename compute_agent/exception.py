@@ -137,3 +137,23 @@ class NetworkConflict(NetworkError):
 
 class FirewallError(ComputeAgentError):
     msg_fmt = "Applying security group rules failed: %(reason)s"
+
+
+# --- live migration ------------------------------------------------------------
+
+class MigrationPreCheckError(Invalid):
+    """A check before anything moved said no: the instance is untouched."""
+
+    msg_fmt = "Cannot live-migrate instance %(uuid)s to %(dest)s: %(reason)s"
+
+
+class LiveMigrationFailed(ComputeAgentError):
+    msg_fmt = "Live migration of instance %(uuid)s to %(dest)s failed: %(reason)s"
+
+
+class LiveMigrationAborted(LiveMigrationFailed):
+    msg_fmt = "Live migration of instance %(uuid)s to %(dest)s was aborted: %(reason)s"
+
+
+class NoLiveMigration(Invalid):
+    msg_fmt = "Instance %(uuid)s has no live migration in progress on this host"

@@ -70,6 +70,14 @@ class Journal:
         self.current_step = None
         LOG.debug("%s: step %s done in %.3fs", self.operation, name, time.monotonic() - started)
 
+    def event(self, name: str, message: str) -> None:
+        """Record something that happened inside a long step (e.g. a live
+        migration's allowed downtime raised) as a finished step with a message.
+        Safe from another thread: it does not change ``current_step``."""
+        seq = self._store.start_step(self.op_id, name)
+        self._store.finish_step(self.op_id, seq, "done", message)
+        LOG.debug("%s: %s: %s", self.operation, name, message)
+
 
 class NullJournal(Journal):
     """For driver calls made outside any operation (e.g. from tests)."""
@@ -81,6 +89,9 @@ class NullJournal(Journal):
         self.completed = []
         self.note = None
         self.step_result = None
+
+    def event(self, name: str, message: str) -> None:
+        LOG.debug("%s: %s: %s", self.operation, name, message)
 
     @contextlib.contextmanager
     def step(self, name: str) -> Iterator[None]:

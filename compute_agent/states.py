@@ -25,6 +25,7 @@ SUSPENDING = "suspending"
 RESUMING = "resuming"
 IMAGE_SNAPSHOT = "image_snapshot"
 IMAGE_UPLOADING = "image_uploading"
+MIGRATING = "migrating"
 
 # power_state
 NOSTATE = "nostate"
@@ -57,6 +58,9 @@ ALLOWED = {
     # suspended instance stays suspended). task_state moves on to
     # image_uploading; a failure leaves vm_state as it was.
     "snapshot": ({ACTIVE, STOPPED, SUSPENDED}, IMAGE_SNAPSHOT),
+    # Live migration moves a running guest; a suspended one has no running
+    # guest to move (and its save file is host-local): refused, state named.
+    "live_migrate": ({ACTIVE}, MIGRATING),
 }
 
 

@@ -54,6 +54,20 @@ CREATE TABLE IF NOT EXISTS steps (
     message TEXT,
     PRIMARY KEY (operation_id, seq)
 );
+CREATE TABLE IF NOT EXISTS migrations (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    instance_uuid TEXT NOT NULL,
+    role TEXT NOT NULL,            -- source | destination
+    source TEXT NOT NULL,
+    dest TEXT NOT NULL,
+    block_migration INTEGER NOT NULL,
+    request_id TEXT,
+    status TEXT NOT NULL,          -- see live_migration.py
+    started_at TEXT NOT NULL,
+    updated_at TEXT NOT NULL,
+    details TEXT                   -- JSON: progress figures, outcome
+);
+CREATE INDEX IF NOT EXISTS migrations_by_instance ON migrations (instance_uuid, id);
 """
 
 
@@ -237,6 +251,71 @@ class Store:
                     steps=[Step(s["name"], s["status"], s["started_at"], s["finished_at"],
                                 s["message"]) for s in steps]))
         return result
+
+    # --- live migrations -----------------------------------------------------
+
+    def start_migration(self, uuid: str, role: str, source: str, dest: str,
+                        block_migration: bool, request_id: str | None,
+                        status: str, details: dict | None = None) -> Migration:
+        with self._tx() as db:
+            cur = db.execute(
+                "INSERT INTO migrations (instance_uuid, role, source, dest, block_migration,"
+                " request_id, status, started_at, updated_at, details)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (uuid, role, source, dest, int(block_migration), request_id, status, now(),
+                 now(), json.dumps(details or {})))
+            row = db.execute("SELECT * FROM migrations WHERE id = ?",
+                             (cur.lastrowid,)).fetchone()
+        return _migration_from_row(row)
+
+    def update_migration(self, mig_id: int, status: str | None = None,
+                         details: dict | None = None) -> None:
+        """Set the status and/or merge ``details`` into the stored ones."""
+        with self._tx() as db:
+            row = db.execute("SELECT status, details FROM migrations WHERE id = ?",
+                             (mig_id,)).fetchone()
+            if row is None:
+                return
+            merged = dict(json.loads(row["details"] or "{}"), **(details or {}))
+            db.execute("UPDATE migrations SET status = ?, details = ?, updated_at = ?"
+                       " WHERE id = ?", (status or row["status"], json.dumps(merged), now(),
+                                         mig_id))
+
+    def get_migration(self, uuid: str, role: str | None = None) -> Migration | None:
+        """The latest migration of an instance on this host (in that role)."""
+        query, args = "SELECT * FROM migrations WHERE instance_uuid = ?", [uuid]
+        if role is not None:
+            query += " AND role = ?"
+            args.append(role)
+        with self._lock:
+            row = self._db.execute(query + " ORDER BY id DESC LIMIT 1", args).fetchone()
+        return _migration_from_row(row) if row else None
+
+
+@dataclass
+class Migration:
+    id: int
+    instance_uuid: str
+    role: str
+    source: str
+    dest: str
+    block_migration: bool
+    request_id: str | None
+    status: str
+    started_at: str
+    updated_at: str
+    details: dict
+
+    def to_dict(self) -> dict:
+        return dict(vars(self))
+
+
+def _migration_from_row(row: sqlite3.Row) -> Migration:
+    return Migration(
+        id=row["id"], instance_uuid=row["instance_uuid"], role=row["role"],
+        source=row["source"], dest=row["dest"], block_migration=bool(row["block_migration"]),
+        request_id=row["request_id"], status=row["status"], started_at=row["started_at"],
+        updated_at=row["updated_at"], details=json.loads(row["details"] or "{}"))
 
 
 def _fault_json(fault: objects.Fault | None) -> str | None:

@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterator
 from compute_agent.exception import NotSupported
 from compute_agent.journal import Journal
 from compute_agent.objects import HostStats, ImageMeta, Instance, SnapshotPlan
+from compute_agent.virt import migrate_data as md
 
 # (instance uuid, new power_state)
 PowerStateHandler = Callable[[str, str], None]
@@ -116,3 +117,67 @@ class ComputeDriver(abc.ABC):
 
     def cleanup_host(self) -> None:  # noqa: B027 - optional hook
         """Release connections on shutdown."""
+
+    # --- live migration (the flow is in compute_agent/live_migration.py) -------
+
+    def live_migration_host_info(self) -> md.HostInfo:
+        """Versions, virt type, CPU mode and hypervisor identity of this host."""
+        raise NotSupported(what="Live migration with this driver")
+
+    def check_can_live_migrate_source(self, instance: Instance,
+                                      block_migration: bool) -> md.SourceCheckData:
+        """Source side: the guest can leave (running, no saved state, no job);
+        describe it for the destination and leave a shared-storage probe file
+        in instances_path (removed by ``cleanup_live_migration_source_check``)."""
+        raise NotSupported(what="Live migration with this driver")
+
+    def cleanup_live_migration_source_check(  # noqa: B027 - optional hook
+            self, data: md.SourceCheckData) -> None:
+        """Remove the shared-storage probe file. Idempotent."""
+
+    def check_can_live_migrate_destination(self, instance: Instance,
+                                           source: md.SourceCheckData) -> md.DestCheckData:
+        """Destination side: CPU compatible, the storage test (does this host
+        see the source's probe file?), room for the disks of a block
+        migration. Raises MigrationPreCheckError. Changes nothing."""
+        raise NotSupported(what="Live migration with this driver")
+
+    def pre_live_migration(self, instance: Instance, journal: Journal,
+                           source: md.SourceCheckData, shared_storage: bool) -> md.DestPrepared:
+        """Destination: instance dir, backing file, empty disks (block
+        migration), VIFs and firewall, volume connections."""
+        raise NotSupported(what="Live migration with this driver")
+
+    def live_migration(self, instance: Instance, journal: Journal, dest: md.DestCheckData,
+                       prepared: md.DestPrepared, block_migration: bool,
+                       on_progress: Callable[[md.MigrationProgress], None],
+                       abort_requested) -> None:
+        """Source: move the running guest; watch it to the end (progress,
+        downtime steps, completion timeout). Raises LiveMigrationFailed or
+        LiveMigrationAborted when the guest is still here."""
+        raise NotSupported(what="Live migration with this driver")
+
+    def post_live_migration_at_destination(self, instance: Instance,
+                                           journal: Journal) -> md.MigrationFigures:
+        """Destination: the guest runs here; define it from this host's config."""
+        raise NotSupported(what="Live migration with this driver")
+
+    def post_live_migration_at_source(self, instance: Instance, journal: Journal,
+                                      shared_storage: bool) -> None:
+        """Source: the guest left; remove what is left of it here (the
+        instance dir only when the storage is not shared)."""
+        raise NotSupported(what="Live migration with this driver")
+
+    def rollback_live_migration_at_source(self, instance: Instance, journal: Journal) -> None:
+        """Source: the migration failed; the guest must run here as before."""
+        raise NotSupported(what="Live migration with this driver")
+
+    def rollback_live_migration_at_destination(self, instance: Instance, journal: Journal,
+                                               shared_storage: bool) -> None:
+        """Destination: remove everything pre_live_migration made. Idempotent."""
+        raise NotSupported(what="Live migration with this driver")
+
+    def live_migration_source_state(self, instance: Instance) -> str:
+        """For reconciliation on the source: 'migrating' (a migration job is
+        running), 'running' (the guest is here), or 'gone'."""
+        raise NotSupported(what="Live migration with this driver")
