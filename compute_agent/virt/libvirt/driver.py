@@ -18,6 +18,7 @@ from compute_agent.virt import driver
 from compute_agent.virt.libvirt import config, disk, snapshot
 from compute_agent.virt.libvirt.guest import POWER_STATES, Guest
 from compute_agent.virt.libvirt.host import Host
+from compute_agent.virt.libvirt.migration import LiveMigrationMixin
 
 LOG = logging.getLogger(__name__)
 MiB = 1024 * 1024
@@ -33,7 +34,8 @@ _EVENT_POWER = {
 }
 
 
-class LibvirtDriver(driver.ComputeDriver):
+class LibvirtDriver(LiveMigrationMixin, driver.ComputeDriver):
+    # Live migration: virt/libvirt/migration.py.
     def __init__(self, conf, image_cache: ImageCache):
         self.conf = conf
         self.image_cache = image_cache
