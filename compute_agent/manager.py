@@ -27,6 +27,8 @@ from oslo_log import log as logging
 from compute_agent import exception, metrics, objects, states
 from compute_agent.image.service import ImageService
 from compute_agent.journal import Journal
+from compute_agent.live_migration import OPERATIONS as LIVE_MIGRATION_OPERATIONS
+from compute_agent.live_migration import LiveMigrationMixin
 from compute_agent.network import validate as network_validate
 from compute_agent.store import Store, now
 from compute_agent.virt.driver import ComputeDriver
@@ -40,7 +42,7 @@ RPC_API_VERSION = "1.0"
 _expected = messaging.expected_exceptions(exception.ComputeAgentError)
 
 
-class ComputeManager:
+class ComputeManager(LiveMigrationMixin):  # live migration: live_migration.py
     target = messaging.Target(version=RPC_API_VERSION)
 
     def __init__(self, conf, store: Store, driver: ComputeDriver, images: ImageService,
@@ -86,6 +88,9 @@ class ComputeManager:
 
     def _reconcile_one(self, ctxt, inst: objects.Instance, op_name: str, step: str | None,
                        reason: str) -> None:
+        if op_name in LIVE_MIGRATION_OPERATIONS:
+            self._reconcile_live_migration(ctxt, inst, op_name, reason)
+            return
         power = self._power_state(inst)
         saved = power == states.SUSPENDED_POWER
         # (operation, what the hypervisor shows) -> the state it ended in.

@@ -104,3 +104,50 @@ class ComputeAPI:
     def get_host_status(self, ctxt, host: str, timeout: int | None = None,
                         retry: int | None = None) -> dict:
         return self._prepare(host, timeout, retry).call(ctxt, "get_host_status")
+
+    # live migration ----------------------------------------------------------------
+    # ``live_migrate`` is the cast an API/scheduler sends to the source; the
+    # others are the host-to-host calls of the flow (compute_agent/live_migration.py),
+    # plus the operator's abort and progress.
+
+    def live_migrate(self, ctxt, host: str, uuid: str, dest: str,
+                     block_migration: bool = False) -> None:
+        """Move a running instance from ``host`` to ``dest``; follow it with
+        get_operations/get_migration on the source, then get_instance on dest."""
+        self._prepare(host).cast(ctxt, "live_migrate", uuid=uuid, dest=dest,
+                                 block_migration=block_migration)
+
+    def live_migration_abort(self, ctxt, host: str, uuid: str) -> dict:
+        return self._prepare(host).call(ctxt, "live_migration_abort", uuid=uuid)
+
+    def get_migration(self, ctxt, host: str, uuid: str) -> dict:
+        return self._prepare(host).call(ctxt, "get_migration", uuid=uuid)
+
+    def check_can_live_migrate_source(self, ctxt, host: str, uuid: str,
+                                      block_migration: bool = False) -> dict:
+        return self._prepare(host).call(ctxt, "check_can_live_migrate_source", uuid=uuid,
+                                        block_migration=block_migration)
+
+    def check_can_live_migrate_destination(self, ctxt, host: str, instance: dict,
+                                           source: dict) -> dict:
+        return self._prepare(host).call(ctxt, "check_can_live_migrate_destination",
+                                        instance=instance, source=source)
+
+    def pre_live_migration(self, ctxt, host: str, instance: dict, source: dict,
+                           shared_storage: bool, record: dict | None = None,
+                           timeout: int | None = None) -> dict:
+        return self._prepare(host, timeout).call(
+            ctxt, "pre_live_migration", instance=instance, source=source,
+            shared_storage=shared_storage, record=record)
+
+    def post_live_migration_at_destination(self, ctxt, host: str, uuid: str,
+                                           timeout: int | None = None) -> dict:
+        return self._prepare(host, timeout).call(ctxt, "post_live_migration_at_destination",
+                                                 uuid=uuid)
+
+    def rollback_live_migration_at_destination(self, ctxt, host: str, uuid: str,
+                                               shared_storage: bool | None = None,
+                                               timeout: int | None = None) -> None:
+        return self._prepare(host, timeout).call(
+            ctxt, "rollback_live_migration_at_destination", uuid=uuid,
+            shared_storage=shared_storage)
