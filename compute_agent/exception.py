@@ -139,6 +139,24 @@ class FirewallError(ComputeAgentError):
     msg_fmt = "Applying security group rules failed: %(reason)s"
 
 
+# --- volumes -------------------------------------------------------------------
+
+class VolumeError(ComputeAgentError):
+    msg_fmt = "Volume %(volume_id)s: %(reason)s"
+
+
+class VolumeConnectFailed(VolumeError):
+    msg_fmt = "Connecting volume %(volume_id)s failed: %(reason)s"
+
+
+class VolumeAttachFailed(VolumeError):
+    msg_fmt = "Attaching volume %(volume_id)s failed: %(reason)s"
+
+
+class VolumeDetachFailed(VolumeError):
+    msg_fmt = "Volume %(volume_id)s is still attached to instance %(uuid)s: %(reason)s"
+
+
 # --- live migration ------------------------------------------------------------
 
 class MigrationPreCheckError(Invalid):

@@ -201,6 +201,32 @@ network_opts = [
 ]
 
 
+volume_opts = [
+    cfg.StrOpt("iscsi_initiator", default="qemu", choices=["qemu", "kernel"],
+               help="Who logs in to iSCSI targets. qemu: QEMU's own initiator (libiscsi, "
+                    "package qemu-block-extra) connects from the guest's process, with CHAP "
+                    "credentials in a libvirt secret; no host kernel support needed. "
+                    "kernel: the host's open-iscsi initiator through os-brick (needs "
+                    "iscsi_tcp, iscsid and the os-brick Python package); the guest gets the "
+                    "host block device. The kernel path is not exercised by the functional "
+                    "tests (their hosts have no iscsi_tcp)."),
+    cfg.ListOpt("allowed_local_volume_dirs", default=[],
+                help="Directories under which 'file' and 'block' volumes (device_path) may "
+                     "be; a path elsewhere (for file volumes, also after following "
+                     "symlinks) is refused. Empty: local volumes are refused. For block "
+                     "volumes list the "
+                     "directories of the devices meant for guests (e.g. /dev/VG of an LVM "
+                     "volume group, whose symlinks are followed), never /dev itself."),
+    cfg.IntOpt("detach_timeout", default=20, min=1,
+               help="Seconds to wait for libvirt's device-removed event after each request "
+                    "to detach a volume from a running guest."),
+    cfg.IntOpt("detach_attempts", default=3, min=1,
+               help="How many times a detach is requested before it is reported as failed "
+                    "(the guest does not let go of the disk); the volume then stays "
+                    "attached."),
+]
+
+
 def agent_opts():
     """Every group but [glance], whose options keystoneauth1 registers itself."""
     return [
@@ -208,6 +234,7 @@ def agent_opts():
         ("libvirt", libvirt_opts + live_migration_opts),
         ("image", image_opts),
         ("network", network_opts),
+        ("volume", volume_opts),
     ]
 
 

@@ -27,6 +27,30 @@ class GuestDisk:
 
 
 @dataclass
+class GuestVolume:
+    """A volume's disk: a network disk QEMU opens itself (``protocol`` iscsi or
+    rbd, with a libvirt secret for its credentials) or a local file or block
+    device. ``alias`` (libvirt user alias, ``ua-`` prefix) names it in
+    device-removed events."""
+
+    source_type: str  # network | file | block
+    target_dev: str
+    bus: str  # scsi | virtio
+    serial: str
+    alias: str
+    protocol: str | None = None
+    name: str | None = None  # IQN/LUN or pool/image
+    hosts: list[tuple[str, int]] = field(default_factory=list)
+    path: str | None = None
+    auth_username: str | None = None
+    secret_type: str | None = None  # iscsi | ceph
+    secret_uuid: str | None = None
+    cache: str = "none"
+    readonly: bool = False
+    boot_order: int | None = None
+
+
+@dataclass
 class GuestSerialLog:
     path: str
 
@@ -62,6 +86,9 @@ class GuestConfig:
     serial_log: GuestSerialLog | None = None
     machine: str = "pc"
     interfaces: list[GuestInterface] = field(default_factory=list)
+    volumes: list[GuestVolume] = field(default_factory=list)
+    # A virtio-scsi controller, so volumes on bus scsi hot-(un)plug reliably.
+    scsi_controller: bool = False
 
 
 def _sub(parent: etree._Element, tag: str, text: str | None = None, **attrs) -> etree._Element:
@@ -82,7 +109,8 @@ def to_xml(cfg: GuestConfig) -> str:
 
     os_el = _sub(dom, "os")
     _sub(os_el, "type", "hvm", arch="x86_64", machine=cfg.machine)
-    _sub(os_el, "boot", dev="hd")
+    if not any(v.boot_order for v in cfg.volumes):
+        _sub(os_el, "boot", dev="hd")  # else the root volume carries <boot order>
 
     features = _sub(dom, "features")
     _sub(features, "acpi")  # ACPI power button (soft shutdown) and PCI hotplug
@@ -99,6 +127,10 @@ def to_xml(cfg: GuestConfig) -> str:
     devices = _sub(dom, "devices")
     for disk in cfg.disks:
         _disk(devices, disk)
+    if cfg.scsi_controller or any(v.bus == "scsi" for v in cfg.volumes):
+        _sub(devices, "controller", type="scsi", index=0, model="virtio-scsi")
+    for vol in cfg.volumes:
+        devices.append(volume_disk_element(vol))
     for nic in cfg.interfaces:
         _interface(devices, nic)
     if cfg.serial_log:
@@ -130,6 +162,36 @@ def _disk(devices: etree._Element, disk: GuestDisk) -> None:
     _sub(el, "driver", name="qemu", type=disk.driver_format, cache=disk.cache)
     _sub(el, "source", file=disk.path)
     _sub(el, "target", dev=disk.target_dev, bus=disk.bus)
+
+
+def volume_disk_element(vol: GuestVolume) -> etree._Element:
+    el = etree.Element("disk", type=vol.source_type, device="disk")
+    _sub(el, "driver", name="qemu", type="raw", cache=vol.cache)
+    if vol.source_type == "network":
+        src = _sub(el, "source", protocol=vol.protocol, name=vol.name)
+        for host, port in vol.hosts:
+            _sub(src, "host", name=host, port=port)
+        if vol.secret_uuid:
+            # Only the user name and a reference: the credential is in the secret.
+            auth = _sub(el, "auth", username=vol.auth_username)
+            _sub(auth, "secret", type=vol.secret_type, uuid=vol.secret_uuid)
+    elif vol.source_type == "block":
+        _sub(el, "source", dev=vol.path)
+    else:
+        _sub(el, "source", file=vol.path)
+    _sub(el, "target", dev=vol.target_dev, bus=vol.bus)
+    if vol.readonly:
+        _sub(el, "readonly")
+    _sub(el, "serial", vol.serial)
+    if vol.boot_order:
+        _sub(el, "boot", order=vol.boot_order)
+    _sub(el, "alias", name=vol.alias)
+    return el
+
+
+def volume_disk_xml(vol: GuestVolume) -> str:
+    """The <disk> of one volume, for attachDeviceFlags/detachDeviceFlags."""
+    return etree.tostring(volume_disk_element(vol), encoding="unicode")
 
 
 def _interface(devices: etree._Element, nic: GuestInterface) -> None:

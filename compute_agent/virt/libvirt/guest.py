@@ -126,3 +126,27 @@ class Guest:
 
     def thaw_filesystems(self) -> None:
         self._call("fsThaw", lambda d: d.fsThaw())
+
+    # --- devices (volumes) ---------------------------------------------------------
+
+    @staticmethod
+    def _device_flags(live: bool, config: bool) -> int:
+        return ((libvirt.VIR_DOMAIN_AFFECT_LIVE if live else 0)
+                | (libvirt.VIR_DOMAIN_AFFECT_CONFIG if config else 0))
+
+    def attach_device(self, xml: str, live: bool, config: bool = True) -> None:
+        flags = self._device_flags(live, config)
+        self._call("attachDeviceFlags", lambda d: d.attachDeviceFlags(xml, flags))
+
+    def detach_device(self, xml: str, live: bool, config: bool) -> None:
+        """Ask for the device to go. For a live guest this only starts the
+        unplug: wait for the device-removed event (Host.expect_device_removal)."""
+        flags = self._device_flags(live, config)
+        self._call("detachDeviceFlags", lambda d: d.detachDeviceFlags(xml, flags))
+
+    def has_device_alias(self, alias: str, live: bool) -> bool:
+        """Whether the live (or the persistent) definition has a device with
+        this alias."""
+        flags = 0 if live else libvirt.VIR_DOMAIN_XML_INACTIVE
+        xml = self._call("XMLDesc", lambda d: d.XMLDesc(flags))
+        return f"<alias name='{alias}'/>" in xml or f'<alias name="{alias}"/>' in xml

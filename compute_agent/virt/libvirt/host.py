@@ -57,6 +57,8 @@ def _start_event_loop() -> None:
 class Host:
     def __init__(self, uri: str, lifecycle_callback: LifecycleCallback | None = None):
         self.uri = uri
+        # (domain uuid, device alias) -> waiter for the device-removed event
+        self._device_waiters: dict[tuple[str, str], DeviceRemoval] = {}
         self._lifecycle_callback = lifecycle_callback
         self._conn: libvirt.virConnect | None = None
         self._lock = threading.Lock()
@@ -91,6 +93,7 @@ class Host:
         if self._lifecycle_callback:
             conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE,
                                         self._on_lifecycle, None)
+        self._register_device_events(conn)
         self._conn = conn
         self.connected_since = time.monotonic()
         LOG.info("Connected to libvirt at %s (libvirt %s)", self.uri,
@@ -189,6 +192,101 @@ class Host:
         """(cpus, memory MiB) of the host."""
         info = self.call("getInfo", lambda c: c.getInfo())
         return int(info[2]), int(info[1])
+
+    # --- device removal events (volume detach) ---------------------------------
+
+    def _register_device_events(self, conn) -> None:
+        conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_DEVICE_REMOVED,
+                                    self._on_device_removed, None)
+        conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_DEVICE_REMOVAL_FAILED,
+                                    self._on_device_removal_failed, None)
+
+    def _on_device_removed(self, conn, dom, alias, opaque) -> None:
+        waiter = self._device_waiters.get((dom.UUIDString(), alias))
+        LOG.debug("libvirt: device %s removed from %s", alias, dom.name())
+        if waiter is not None:
+            waiter.removed = True
+            waiter.event.set()
+
+    def _on_device_removal_failed(self, conn, dom, alias, opaque) -> None:
+        waiter = self._device_waiters.get((dom.UUIDString(), alias))
+        LOG.debug("libvirt: removal of device %s from %s failed", alias, dom.name())
+        if waiter is not None:
+            waiter.event.set()
+
+    def expect_device_removal(self, uuid: str, alias: str) -> DeviceRemoval:
+        """Register before asking for a detach, so the event cannot be missed;
+        ``wait``, then ``close``."""
+        waiter = DeviceRemoval(self, uuid, alias)
+        self._device_waiters[(uuid, alias)] = waiter
+        return waiter
+
+    # --- secrets (volume credentials) ------------------------------------------
+
+    def define_secret(self, secret_uuid: str, usage_type: str, usage_id: str,
+                      description: str, value: bytes) -> None:
+        """Create or update a private libvirt secret and set its value. The
+        value never appears in XML, logs or errors."""
+        from lxml import etree
+        root = etree.Element("secret", ephemeral="no", private="yes")
+        etree.SubElement(root, "uuid").text = secret_uuid
+        etree.SubElement(root, "description").text = description
+        usage = etree.SubElement(root, "usage", type=usage_type)
+        etree.SubElement(usage, "target" if usage_type == "iscsi" else "name").text = usage_id
+        xml = etree.tostring(root, encoding="unicode")
+
+        def fn(conn):
+            secret = conn.secretDefineXML(xml, 0)
+            try:
+                secret.setValue(value, 0)
+            except libvirt.libvirtError:
+                secret.undefine()
+                raise
+        self.call(f"secretDefineXML({secret_uuid})", fn)
+
+    def delete_secret(self, secret_uuid: str) -> bool:
+        """Remove a secret; False if there was none."""
+        def fn(conn):
+            try:
+                secret = conn.secretLookupByUUIDString(secret_uuid)
+            except libvirt.libvirtError as exc:
+                if exc.get_error_code() == libvirt.VIR_ERR_NO_SECRET:
+                    return False
+                raise
+            secret.undefine()
+            return True
+        return self.call(f"secret undefine({secret_uuid})", fn)
+
+    def secret_exists(self, secret_uuid: str) -> bool:
+        def fn(conn):
+            try:
+                conn.secretLookupByUUIDString(secret_uuid)
+                return True
+            except libvirt.libvirtError as exc:
+                if exc.get_error_code() == libvirt.VIR_ERR_NO_SECRET:
+                    return False
+                raise
+        return self.call(f"secretLookupByUUIDString({secret_uuid})", fn)
+
+
+class DeviceRemoval:
+    """One expected device-removed event (see Host.expect_device_removal)."""
+
+    def __init__(self, host: Host, uuid: str, alias: str):
+        self._host = host
+        self.key = (uuid, alias)
+        self.event = threading.Event()
+        self.removed = False
+
+    def wait(self, timeout: float) -> bool:
+        """True when libvirt reported the device removed within ``timeout``
+        (False on timeout or a removal-failed event)."""
+        self.event.wait(timeout)
+        self.event.clear()
+        return self.removed
+
+    def close(self) -> None:
+        self._host._device_waiters.pop(self.key, None)
 
 
 def _version(v: int) -> str:

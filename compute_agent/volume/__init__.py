@@ -1,0 +1,2 @@
+"""Volumes: validation of connection data (no libvirt here); the libvirt
+side is in compute_agent/virt/libvirt/volume/."""
