@@ -58,6 +58,11 @@ ALLOWED = {
     # suspended instance stays suspended). task_state moves on to
     # image_uploading; a failure leaves vm_state as it was.
     "snapshot": ({ACTIVE, STOPPED, SUSPENDED}, IMAGE_SNAPSHOT),
+    # Volumes: live and persistent while running, persistent only while
+    # stopped. No task_state (like update_security_groups): the instance lock
+    # serialises them; a failure leaves vm_state as it was.
+    "attach_volume": ({ACTIVE, STOPPED}, None),
+    "detach_volume": ({ACTIVE, STOPPED}, None),
     # Live migration moves a running guest; a suspended one has no running
     # guest to move (and its save file is host-local): refused, state named.
     "live_migrate": ({ACTIVE}, MIGRATING),

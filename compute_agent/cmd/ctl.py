@@ -101,6 +101,10 @@ class Ctl:
         _emit(self.args, _summary(inst))
         if op["message"] and op["status"] == "done":
             print(f"{op['name']}: {op['message']}", file=sys.stderr)
+        if op["status"] == "failed" and not inst.get("fault"):
+            # An operation whose failure leaves the instance as it was (volumes).
+            print(f"{op['name']} FAILED: {op['message']}", file=sys.stderr)
+            return 1
         if inst.get("fault"):
             f = inst["fault"]
             print(f"FAULT in {f['operation']} at step {f['step']}: {f['message']}",
@@ -187,6 +191,21 @@ class Ctl:
         print(f"snapshot: {op['message']}", file=sys.stderr)
         return 0
 
+    def volume_attach(self) -> int:
+        if self.args.spec == "-":
+            bdm = json.load(sys.stdin)
+        else:
+            with open(self.args.spec) as f:
+                bdm = json.load(f)
+        if isinstance(bdm, dict) and "block_device" in bdm:
+            bdm = bdm["block_device"]
+        return self._lifecycle("attach_volume", lambda: self.api.attach_volume(
+            self.ctxt, self.host, self.args.uuid, bdm))
+
+    def volume_detach(self) -> int:
+        return self._lifecycle("detach_volume", lambda: self.api.detach_volume(
+            self.ctxt, self.host, self.args.uuid, self.args.volume_id))
+
     def reset_state(self) -> int:
         _emit(self.args, _summary(self.api.reset_state(self.ctxt, self.host, self.args.uuid,
                                                        self.args.state)))
@@ -252,6 +271,11 @@ def _summary(inst: dict, full: bool = False) -> dict:
                                          "progress")})
         f = inst.get("fault")
         out["fault"] = f"{f['operation']}/{f['step']}: {f['message']}" if f else None
+        out["volumes"] = ", ".join(
+            f"{b['volume_id']} ({b['device']}, "
+            f"{b['connection_info']['driver_volume_type']}"
+            f"{', boot' if b['boot_index'] == 0 else ''})"
+            for b in inst.get("spec", {}).get("block_devices", [])) or None
     return out
 
 
@@ -314,6 +338,20 @@ def _parser() -> argparse.ArgumentParser:
     sn.add_argument("name", help="the new image's name")
     sn.add_argument("--wait", action="store_true",
                     help="follow the copy and upload to their end, with a progress bar")
+
+    va = sub.add_parser("volume-attach",
+                        help="attach a volume to a running or stopped instance")
+    va.add_argument("uuid")
+    va.add_argument("--spec", required=True,
+                    help="JSON file: one block device as in the spec's block_devices "
+                         "(boot_index null), or an object with that under 'block_device'; "
+                         "'-' reads stdin")
+    va.add_argument("--wait", action="store_true")
+    vd = sub.add_parser("volume-detach", help="detach a volume (waits for the guest to "
+                                              "release it; fails if it does not)")
+    vd.add_argument("uuid")
+    vd.add_argument("volume_id")
+    vd.add_argument("--wait", action="store_true")
 
     rs = sub.add_parser("reset-state", help="force vm_state (then use reboot --hard)")
     rs.add_argument("uuid")

@@ -72,6 +72,17 @@ class ComputeAPI:
         self._prepare(host).cast(ctxt, "update_security_groups", uuid=uuid,
                                  security_groups=security_groups)
 
+    def attach_volume(self, ctxt, host: str, uuid: str, block_device: dict,
+                      validate: bool = True) -> None:
+        """Attach a volume (one entry of the spec's block_devices, boot_index
+        null) to a running or stopped instance."""
+        if validate:
+            objects.BlockDevice.from_dict(block_device, "block_device.")
+        self._prepare(host).cast(ctxt, "attach_volume", uuid=uuid, block_device=block_device)
+
+    def detach_volume(self, ctxt, host: str, uuid: str, volume_id: str) -> None:
+        self._prepare(host).cast(ctxt, "detach_volume", uuid=uuid, volume_id=volume_id)
+
     # calls ---------------------------------------------------------------------
 
     def ping(self, ctxt, host: str, timeout: int | None = None,

@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterator
 
 from compute_agent.exception import NotSupported
 from compute_agent.journal import Journal
-from compute_agent.objects import HostStats, ImageMeta, Instance, SnapshotPlan
+from compute_agent.objects import BlockDevice, HostStats, ImageMeta, Instance, SnapshotPlan
 from compute_agent.virt import migrate_data as md
 
 # (instance uuid, new power_state)
@@ -114,6 +114,32 @@ class ComputeDriver(abc.ABC):
     def check_connection(self) -> bool:
         """Reconnect to the hypervisor if needed; True when it answers."""
         return True
+
+    # --- volumes --------------------------------------------------------------------
+
+    def connect_volumes(self, instance: Instance, journal: Journal) -> None:
+        """Make what the instance's volumes need on this host (secrets, logins)
+        before its domain is defined: spawn, hard reboot, the destination of
+        a live migration. Idempotent; a failure leaves nothing connected."""
+        if instance.spec.block_devices:
+            raise NotSupported(what="Volumes with this driver")
+
+    def disconnect_volumes(self, instance: Instance, journal: Journal) -> None:
+        """Undo connect_volumes (delete; the source after a live migration)."""
+        if instance.spec.block_devices:
+            raise NotSupported(what="Volumes with this driver")
+
+    def attach_volume(self, instance: Instance, journal: Journal, bdm: BlockDevice) -> str:
+        """Connect ``bdm`` and add its disk, live if the guest runs and to the
+        persistent definition. Raises VolumeAttachFailed with nothing left
+        attached or connected. Returns 'live' or 'config'."""
+        raise NotSupported(what="Volumes with this driver")
+
+    def detach_volume(self, instance: Instance, journal: Journal, bdm: BlockDevice) -> str:
+        """Remove the disk (waiting for the guest to let go) and disconnect.
+        Raises VolumeDetachFailed, the disk still there, when the guest keeps
+        it. Returns 'live' or 'config'."""
+        raise NotSupported(what="Volumes with this driver")
 
     def cleanup_host(self) -> None:  # noqa: B027 - optional hook
         """Release connections on shutdown."""

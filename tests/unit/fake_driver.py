@@ -95,6 +95,9 @@ class FakeDriver(FakeLiveMigrationMixin, ComputeDriver):  # live migration: fake
         self.cached: set[str] = set()  # image ids in the fake _base
         self.ignores_acpi: set[str] = set()  # guests that never power off on ACPI
         self.calls: list[tuple[str, str | None]] = []  # (method, uuid)
+        self.connected: set[tuple[str, str]] = set()  # (uuid, volume_id): secrets etc.
+        self.attached: dict[str, list[str]] = {}  # uuid -> volume ids in the domain
+        self.sticky_volumes: set[str] = set()  # volume ids the guest never lets go of
         self.on_power_state: PowerStateHandler | None = None
         self._failures: dict[str, Exception] = {}
 
@@ -126,26 +129,33 @@ class FakeDriver(FakeLiveMigrationMixin, ComputeDriver):  # live migration: fake
     def spawn(self, instance: objects.Instance, journal: Journal) -> None:
         uuid = instance.uuid
         self.calls.append(("spawn", uuid))
-        if instance.spec.image_id is None:
-            raise exception.NotSupported(what="Boot from volume")
-        with self._step(journal, "fetch_image"):
-            if self.images is not None:
-                self.images.show(instance.spec.image_id)
+        bfv = instance.spec.image_id is None  # boot from volume: no image, no root disk
+        if not bfv:
+            with self._step(journal, "fetch_image"):
+                if self.images is not None:
+                    self.images.show(instance.spec.image_id)
         if uuid in self.disks:
             raise exception.InstanceExists(f"Instance directory for {uuid} already exists")
         try:
-            with self._step(journal, "create_disks"):
-                flavor = instance.spec.flavor
-                self.disks[uuid] = (["disk"] + ["disk.local"] * bool(flavor.ephemeral_gb)
-                                    + ["disk.swap"] * bool(flavor.swap_mb))
+            flavor = instance.spec.flavor
+            self.disks[uuid] = []
+            if not bfv:
+                with self._step(journal, "create_disks"):
+                    self.disks[uuid] = (["disk"] + ["disk.local"] * bool(flavor.ephemeral_gb)
+                                        + ["disk.swap"] * bool(flavor.swap_mb))
+            self.connect_volumes(instance, journal)
             with self._step(journal, "define_domain"):
                 self.guests[uuid] = states.SHUTDOWN
+                self.attached[uuid] = [b.volume_id for b in instance.spec.block_devices]
             with self._step(journal, "start_domain"):
                 self.guests[uuid] = states.RUNNING
         except BaseException:
             # Like the real driver: remove everything this call created.
             self.guests.pop(uuid, None)
             self.disks.pop(uuid, None)
+            self.attached.pop(uuid, None)
+            for b in instance.spec.block_devices:
+                self.connected.discard((uuid, b.volume_id))
             raise
 
     def destroy(self, instance: objects.Instance, journal: Journal) -> None:
@@ -154,6 +164,8 @@ class FakeDriver(FakeLiveMigrationMixin, ComputeDriver):  # live migration: fake
         with self._step(journal, "destroy_domain"):
             self.guests.pop(uuid, None)
             self.saved.discard(uuid)
+            self.attached.pop(uuid, None)
+        self.disconnect_volumes(instance, journal)
         with self._step(journal, "remove_files"):
             self.disks.pop(uuid, None)
             self.console.pop(uuid, None)
@@ -186,10 +198,12 @@ class FakeDriver(FakeLiveMigrationMixin, ComputeDriver):  # live migration: fake
             if self.images is not None and instance.spec.image_id:
                 self.images.show(instance.spec.image_id)
         with self._step(journal, "ensure_disks"):
-            if "disk" not in self.disks.get(uuid, []):
+            if instance.spec.image_id and "disk" not in self.disks.get(uuid, []):
                 raise exception.DiskMissing(path=f"{uuid}/disk")
+        self.connect_volumes(instance, journal)
         with self._step(journal, "define_domain"):
             self.guests.setdefault(uuid, states.SHUTDOWN)
+            self.attached[uuid] = [b.volume_id for b in instance.spec.block_devices]
         with self._step(journal, "start_domain"):
             self.guests[uuid] = states.RUNNING
 
@@ -250,6 +264,44 @@ class FakeDriver(FakeLiveMigrationMixin, ComputeDriver):  # live migration: fake
 
     def power_state(self, instance: objects.Instance) -> str:
         return self.guests.get(instance.uuid, states.NOSTATE)
+
+    # --- volumes -------------------------------------------------------------------
+
+    def connect_volumes(self, instance: objects.Instance, journal: Journal) -> None:
+        if instance.spec.block_devices:
+            with self._step(journal, "connect_volumes"):
+                for b in instance.spec.block_devices:
+                    self.connected.add((instance.uuid, b.volume_id))
+
+    def disconnect_volumes(self, instance: objects.Instance, journal: Journal) -> None:
+        if instance.spec.block_devices:
+            with self._step(journal, "disconnect_volumes"):
+                for b in instance.spec.block_devices:
+                    self.connected.discard((instance.uuid, b.volume_id))
+
+    def attach_volume(self, instance: objects.Instance, journal: Journal,
+                      bdm: objects.BlockDevice) -> str:
+        uuid = self._require_guest(instance)
+        self.calls.append(("attach_volume", uuid))
+        with self._step(journal, "attach_volume"):
+            self.attached.setdefault(uuid, []).append(bdm.volume_id)
+            self.connected.add((uuid, bdm.volume_id))
+        return "live" if self.guests[uuid] == states.RUNNING else "config"
+
+    def detach_volume(self, instance: objects.Instance, journal: Journal,
+                      bdm: objects.BlockDevice) -> str:
+        uuid = instance.uuid
+        self.calls.append(("detach_volume", uuid))
+        live = self.guests.get(uuid) == states.RUNNING
+        with self._step(journal, "detach_volume"):
+            if live and bdm.volume_id in self.sticky_volumes:
+                raise exception.VolumeDetachFailed(
+                    volume_id=bdm.volume_id, uuid=uuid,
+                    reason="the guest did not release it; the volume stays attached")
+            if bdm.volume_id in self.attached.get(uuid, []):
+                self.attached[uuid].remove(bdm.volume_id)
+            self.connected.discard((uuid, bdm.volume_id))
+        return "live" if live else "config"
 
     def all_power_states(self) -> dict[str, str]:
         self.calls.append(("all_power_states", None))

@@ -19,6 +19,7 @@ from compute_agent.virt.libvirt import config, disk, snapshot
 from compute_agent.virt.libvirt.guest import POWER_STATES, Guest
 from compute_agent.virt.libvirt.host import Host
 from compute_agent.virt.libvirt.migration import LiveMigrationMixin
+from compute_agent.virt.libvirt.volume.attachments import Volumes
 
 LOG = logging.getLogger(__name__)
 MiB = 1024 * 1024
@@ -41,6 +42,7 @@ class LibvirtDriver(LiveMigrationMixin, driver.ComputeDriver):
         self.image_cache = image_cache
         self.host: Host | None = None
         self.network = NetworkDriver(conf)
+        self.volumes = Volumes(conf, lambda: self.host)
 
     def init_host(self, on_power_state: driver.PowerStateHandler) -> None:
         def on_event(uuid: str, event: int, detail: int) -> None:
@@ -82,11 +84,11 @@ class LibvirtDriver(LiveMigrationMixin, driver.ComputeDriver):
 
     def spawn(self, instance: objects.Instance, journal: Journal) -> None:
         spec = instance.spec
-        if spec.image_id is None:
-            raise exception.NotSupported(what="Boot from volume")
-        with journal.step("fetch_image"):
-            max_size = spec.flavor.root_gb * disk.GiB if spec.flavor.root_gb else None
-            base = self.image_cache.ensure(spec.image_id, max_size)
+        base = None  # boot from volume: no image, no _base, no root disk
+        if spec.image_id is not None:
+            with journal.step("fetch_image"):
+                max_size = spec.flavor.root_gb * disk.GiB if spec.flavor.root_gb else None
+                base = self.image_cache.ensure(spec.image_id, max_size)
         inst_dir = self.instance_dir(instance.uuid)
         try:
             os.mkdir(inst_dir, 0o755)
@@ -96,9 +98,12 @@ class LibvirtDriver(LiveMigrationMixin, driver.ComputeDriver):
                 f"Instance directory {inst_dir} already exists; refusing to use or "
                 f"remove it") from None
         try:
-            with journal.step("create_disks"):
-                disks = disk.create_disks(inst_dir, base, spec.flavor, spec.image_id)
+            disks = []
+            if base is not None:
+                with journal.step("create_disks"):
+                    disks = disk.create_disks(inst_dir, base, spec.flavor, spec.image_id)
             self._plug_vifs(instance, journal)
+            self.connect_volumes(instance, journal)
             with journal.step("define_domain"):
                 guest = self._define(instance, disks)
             with journal.step("start_domain"):
@@ -107,6 +112,7 @@ class LibvirtDriver(LiveMigrationMixin, driver.ComputeDriver):
             LOG.warning("Spawn failed at step %s; removing what it created",
                         journal.current_step)
             self._remove_domain(instance.uuid)
+            self.volumes.disconnect_all(instance, quiet=True)
             if spec.networks:
                 try:
                     self.network.unplug(spec)
@@ -149,6 +155,7 @@ class LibvirtDriver(LiveMigrationMixin, driver.ComputeDriver):
             disks=[config.GuestDisk(path=p, target_dev=dev, cache=cache) for p, dev in disks],
             interfaces=[config.GuestInterface(mac=v.mac, bridge=v.bridge, tap=v.tap)
                         for v in self.network.vif_configs(spec)],
+            volumes=self.volumes.disks(instance), scsi_controller=True,
             serial_log=config.GuestSerialLog(
                 os.path.join(self.instance_dir(instance.uuid), "console.log")))
 
@@ -194,8 +201,14 @@ class LibvirtDriver(LiveMigrationMixin, driver.ComputeDriver):
             if instance.spec.image_id:
                 self.image_cache.ensure(instance.spec.image_id)
         with journal.step("ensure_disks"):
-            disks = disk.ensure_disks(self.instance_dir(instance.uuid), instance.spec.flavor)
+            disks = []
+            if instance.spec.image_id is not None:  # else it boots from a volume
+                disks = disk.ensure_disks(self.instance_dir(instance.uuid),
+                                          instance.spec.flavor)
+            else:
+                os.makedirs(self.instance_dir(instance.uuid), 0o755, exist_ok=True)
         self._plug_vifs(instance, journal)
+        self.connect_volumes(instance, journal)
         with journal.step("define_domain"):
             guest = self._define(instance, disks)
         with journal.step("start_domain"):
@@ -261,6 +274,7 @@ class LibvirtDriver(LiveMigrationMixin, driver.ComputeDriver):
     def destroy(self, instance: objects.Instance, journal: Journal) -> None:
         with journal.step("destroy_domain"):
             self._remove_domain(instance.uuid)
+        self.disconnect_volumes(instance, journal)
         if instance.spec.networks:
             with journal.step("unplug_vifs"):
                 self.network.unplug(instance.spec)
@@ -275,6 +289,36 @@ class LibvirtDriver(LiveMigrationMixin, driver.ComputeDriver):
             return
         guest.destroy()
         guest.undefine()
+
+    # --- volumes (connectors and flows in volume/) ---------------------------------
+
+    def connect_volumes(self, instance: objects.Instance, journal: Journal) -> None:
+        """Make what the instance's volumes need on this host (libvirt secrets,
+        host logins), before its domain is defined: spawn, hard reboot, and a
+        live migration's destination (pre_live_migration). Idempotent; on a
+        failure nothing of it is left."""
+        if instance.spec.block_devices:
+            with journal.step("connect_volumes"):
+                self.volumes.connect_all(instance)
+
+    def disconnect_volumes(self, instance: objects.Instance, journal: Journal) -> None:
+        """Undo connect_volumes once no domain here uses the volumes: delete,
+        and a live migration's source after the guest left. Idempotent."""
+        if instance.spec.block_devices:
+            with journal.step("disconnect_volumes"):
+                self.volumes.disconnect_all(instance)
+
+    def attach_volume(self, instance: objects.Instance, journal: Journal,
+                      bdm: objects.BlockDevice) -> str:
+        guest = self._require_guest(instance)
+        with journal.step("attach_volume"):
+            return self.volumes.attach(instance, guest, bdm)
+
+    def detach_volume(self, instance: objects.Instance, journal: Journal,
+                      bdm: objects.BlockDevice) -> str:
+        guest = self.host.lookup(instance.uuid)
+        with journal.step("detach_volume"):
+            return self.volumes.detach(instance, guest, bdm)
 
     # --- snapshots (the flows are in snapshot.py) ---------------------------------
 
