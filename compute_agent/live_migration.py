@@ -233,7 +233,7 @@ class LiveMigrationMixin:
     def _check_abort(abort: threading.Event, inst: objects.Instance, dest: str) -> None:
         if abort.is_set():
             raise exception.LiveMigrationAborted(uuid=inst.uuid, dest=dest,
-                                                 reason="by the operator")
+                                                 reason=md.OPERATOR_ABORT)
 
     def _progress_recorder(self, inst: objects.Instance, journal: Journal, mig_id: int):
         """The monitor's callback: percent in the record, figures in the
@@ -264,7 +264,9 @@ class LiveMigrationMixin:
         """The guest did not leave: it runs here as before; the destination
         removes everything it made."""
         cause = _reason(exc)
-        cancelled = isinstance(exc, exception.LiveMigrationAborted)
+        # An abort the operator asked for is no fault; a timeout's abort is.
+        cancelled = (isinstance(exc, exception.LiveMigrationAborted)
+                     and exc.kwargs.get("reason") == md.OPERATOR_ABORT)
         LOG.warning("Live migration to %s failed at step %s: %s; rolling back", dest,
                     journal.current_step, cause)
         failed_step = journal.current_step

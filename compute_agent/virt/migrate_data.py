@@ -40,6 +40,8 @@ DISK_NAMES = ("disk", "disk.local", "disk.swap")
 _DEV_RE = re.compile(r"^vd[a-z]$")
 MAX_DISK_BYTES = 64 * 1024 ** 4
 MAX_CPU_XML = 64 * 1024
+# The reason of an abort the operator asked for (live_migration_abort).
+OPERATOR_ABORT = "by the operator"
 
 
 def _bad(name: str, reason: str):
@@ -235,7 +237,9 @@ class MigrationProgress:
 
     @property
     def percent(self) -> int | None:
-        if not self.data_total:
+        """Of all data to move; None until the memory copy has started (while
+        a block migration's disks are set up, only they are counted)."""
+        if not self.data_total or not self.memory_total:
             return None
         done = self.data_total - self.data_remaining
         return max(0, min(99, 100 * done // self.data_total))

@@ -106,7 +106,7 @@ class FakeLiveMigrationMixin:
             self.lm.during()
         if abort_requested.is_set():
             raise exception.LiveMigrationAborted(uuid=uuid, dest=dest.host_info.host,
-                                                 reason="by the operator")
+                                                 reason=md.OPERATOR_ABORT)
         if self.lm.fail is not None:
             raise self.lm.fail
         peer = self.lm.peers[dest.host_info.host]

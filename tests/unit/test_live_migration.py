@@ -389,3 +389,18 @@ def test_reconcile_destination_interrupted_post_finishes(hosts, running):
     dst.reconcile()
     inst = dst.store.get_instance(running)
     assert (inst.vm_state, inst.task_state, inst.host) == ("active", None, "h2")
+
+
+def test_timeout_abort_is_a_fault_but_the_guest_stays(hosts, running):
+    src, dst = hosts
+    src.driver.lm.fail = exception.LiveMigrationAborted(
+        uuid=running, dest="h2", reason="completion timeout (5.0s for 0.50 GiB at 10s/GiB)")
+    src.live_migrate(o_context.RequestContext(), running, "h2", False)
+    op = _op(src, running)
+    assert op.status == "failed" and "aborted: completion timeout" in op.message
+    inst = src.store.get_instance(running)
+    assert (inst.vm_state, inst.task_state) == ("active", None)
+    assert "completion timeout" in inst.fault.message
+    assert src.store.get_migration(running).status == "failed"
+    with pytest.raises(exception.InstanceNotFound):
+        dst.store.get_instance(running)

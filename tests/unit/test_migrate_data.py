@@ -72,10 +72,11 @@ def test_dest_data():
 
 
 def test_progress_percent():
-    p = md.MigrationProgress(data_total=200, data_remaining=50)
+    p = md.MigrationProgress(data_total=200, data_remaining=50, memory_total=150)
     assert p.percent == 75 and p.to_dict()["percent"] == 75
     assert md.MigrationProgress().percent is None
-    assert md.MigrationProgress(data_total=10, data_remaining=0).percent == 99
+    assert md.MigrationProgress(data_total=10, memory_total=10).percent == 99
+    assert md.MigrationProgress(data_total=10, disk_total=10).percent is None
 
 
 def test_figures_ignore_junk():

@@ -134,8 +134,11 @@ class LiveMigrationMixin:
 
     def live_migration_host_info(self) -> md.HostInfo:
         libvirt_version, qemu_version = self.host.versions()
-        caps = self.host.call("getCapabilities", lambda c: c.getCapabilities())
-        host_uuid = etree.fromstring(caps.encode()).findtext("./host/uuid")
+        host_uuid = self.__dict__.get("_hypervisor_id")
+        if host_uuid is None:  # getCapabilities can take seconds on a fresh libvirtd
+            caps = self.host.call("getCapabilities", lambda c: c.getCapabilities())
+            host_uuid = self.__dict__["_hypervisor_id"] = etree.fromstring(
+                caps.encode()).findtext("./host/uuid")
         return md.HostInfo(host=self.conf.host, hypervisor_id=host_uuid,
                            virt_type=self.conf.libvirt.virt_type,
                            libvirt_version=libvirt_version, qemu_version=qemu_version,
@@ -356,10 +359,16 @@ class LiveMigrationMixin:
         guest = self.host.lookup(instance.uuid)
         if guest is None:
             return "gone"
-        dom = self._dom(instance.uuid)
-        if self.host.call("jobInfo", lambda c: dom.jobInfo())[0] != libvirt.VIR_DOMAIN_JOB_NONE:
-            return "migrating"
-        return "running" if guest.is_running() else "gone"
+        try:
+            dom = self._dom(instance.uuid)
+            job = self.host.call("jobInfo", lambda c: dom.jobInfo())[0]
+            if job != libvirt.VIR_DOMAIN_JOB_NONE:
+                return "migrating"
+            return "running" if guest.is_running() else "gone"
+        except exception.HypervisorError:
+            if self.host.lookup(instance.uuid) is None:
+                return "gone"  # it left while we looked
+            raise
 
     def live_migration_abort_job(self, instance: objects.Instance) -> None:
         """Abort the running migration job (reconciliation after a restart)."""
@@ -461,15 +470,22 @@ class LiveMigrationMixin:
         started = time.monotonic()
         max_downtime = None
         acted = reason = None
+        aborted_at = 0.0
         while not done.wait(POLL_INTERVAL):
-            elapsed = time.monotonic() - started
             try:
-                stats = dom.jobStats()
+                stats = dom.jobStats()  # may wait while libvirt sets the migration up
             except libvirt.libvirtError as exc:
                 LOG.debug("jobStats: %s", exc.get_error_message(), instance_uuid=instance.uuid)
                 continue
+            elapsed = time.monotonic() - started
             if stats.get("type", libvirt.VIR_DOMAIN_JOB_NONE) == libvirt.VIR_DOMAIN_JOB_NONE:
                 continue  # not started yet, or just ended
+            if acted == "abort":
+                # Its figures mean nothing now; ask again if it does not stop.
+                if elapsed - aborted_at > 5:
+                    aborted_at = elapsed
+                    self._abort_job(instance, dom, journal, reason)
+                continue
             while steps and elapsed >= steps[0][0]:
                 try:
                     dom.migrateSetMaxDowntime(steps[0][1], 0)
@@ -479,14 +495,14 @@ class LiveMigrationMixin:
                     break  # again at the next tick
                 max_downtime = steps.pop(0)[1]
                 journal.event("max_downtime", f"{max_downtime} ms after {elapsed:.1f}s")
-            if abort_requested.is_set() and acted != "abort":
-                acted, reason = "abort", "by the operator"
+            if abort_requested.is_set():
+                acted, reason, aborted_at = "abort", md.OPERATOR_ABORT, elapsed
                 self._abort_job(instance, dom, journal, reason)
             elif timeout and elapsed > timeout and acted is None:
                 what = (f"completion timeout ({timeout:.1f}s for {data_gb:.2f} GiB at "
                         f"{lv.live_migration_completion_timeout}s/GiB)")
                 if lv.live_migration_timeout_action == "abort":
-                    acted, reason = "abort", what
+                    acted, reason, aborted_at = "abort", what, elapsed
                     self._abort_job(instance, dom, journal, reason)
                 else:
                     acted = "force_complete"
