@@ -11,6 +11,7 @@ host) and talks to one agent through RabbitMQ.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import sys
@@ -211,6 +212,58 @@ class Ctl:
                                                        self.args.state)))
         return 0
 
+    def migrate(self) -> int:
+        """Live-migrate from --host (the source) to DEST; --wait follows it
+        with the migration's progress."""
+        a = self.args
+        self.api.live_migrate(self.ctxt, self.host, a.uuid, a.dest, a.block)
+        print(f"live migration of {a.uuid} from {self.host} to {a.dest} sent "
+              f"(request {self.ctxt.request_id})", file=sys.stderr)
+        if not a.wait:
+            return 0
+        op = self._follow_migration(a.uuid)
+        if op["status"] != "done":
+            print(f"ERROR: live migration {op['status']}: {op['message']}", file=sys.stderr)
+            return 1
+        _emit(a, _summary(self.api.get_instance(self.ctxt, a.dest, a.uuid)))
+        print(f"live migration: {op['message']}", file=sys.stderr)
+        return 0
+
+    def _follow_migration(self, uuid: str) -> dict:
+        """Wait for this request's live migration to end, showing its progress
+        (the instance leaves the source's records when it succeeds)."""
+        deadline = time.monotonic() + self.args.wait_timeout
+        tty, last = sys.stderr.isatty(), None
+        while time.monotonic() < deadline:
+            ops = self.api.get_operations(self.ctxt, self.host, uuid, limit=10)
+            mine = next((o for o in ops if o["request_id"] == self.ctxt.request_id), None)
+            if mine and mine["status"] == "refused":
+                raise exception.Invalid(f"live migration refused: {mine['message']}")
+            if mine and mine["status"] != "running":
+                if tty:
+                    sys.stderr.write("\r" + " " * 120 + "\r")
+                return mine
+            line = "accepted"
+            if mine:
+                line = mine["steps"][-1]["name"] if mine["steps"] else "started"
+                with contextlib.suppress(exception.ComputeAgentError):
+                    mig = self.api.get_migration(self.ctxt, self.host, uuid)
+                    if mig["request_id"] == self.ctxt.request_id:
+                        line = _migration_line(mig)
+            if tty:
+                sys.stderr.write(f"\rlive migration {uuid}: {line}   ")
+            elif line != last:
+                sys.stderr.write(f"live migration {uuid}: {line}\n")
+            last = line
+            sys.stderr.flush()
+            time.sleep(0.5)
+        raise exception.ComputeAgentError(
+            f"Gave up waiting for the live migration of {uuid} after {self.args.wait_timeout}s")
+
+    def migrate_abort(self) -> int:
+        _emit(self.args, self.api.live_migration_abort(self.ctxt, self.host, self.args.uuid))
+        return 0
+
     def list(self) -> int:
         rows = [_summary(i) for i in self.api.list_instances(self.ctxt, self.host,
                                                              self.args.all)]
@@ -225,6 +278,10 @@ class Ctl:
             _emit(self.args, dict(inst, operations=ops))
             return 0
         _emit(self.args, _summary(inst, full=True))
+        if inst["task_state"] == "migrating":
+            with contextlib.suppress(exception.ComputeAgentError):
+                print("live migration:", _migration_line(
+                    self.api.get_migration(self.ctxt, self.host, self.args.uuid)))
         for op in ops:
             print(f"\n{op['name']} [{op['status']}] request {op['request_id']} "
                   f"{op['started_at']} -> {op['finished_at'] or '...'}"
@@ -257,6 +314,21 @@ def _bar(percent: int | None, width: int = 20) -> str:
         return ""
     filled = width * percent // 100
     return f" [{'#' * filled}{'.' * (width - filled)}] {percent:3d}%"
+
+
+def _migration_line(mig: dict) -> str:
+    """status, a progress bar and the figures of a migration record."""
+    p = mig["details"].get("progress") or {}
+    line = f"{mig['status']} to {mig['dest']}{_bar(p.get('percent'))}"
+    if p:
+        mib = 1024 * 1024
+        line += (f" memory {p['memory_remaining'] / mib:.1f}/{p['memory_total'] / mib:.1f} "
+                 f"MiB left")
+        if p.get("disk_total"):
+            line += f", disk {p['disk_remaining'] / mib:.1f}/{p['disk_total'] / mib:.1f} MiB"
+        line += (f", {(p['memory_bps'] + p['disk_bps']) / mib:.1f} MiB/s, "
+                 f"{p['elapsed_ms'] / 1000:.1f}s")
+    return line
 
 
 def _summary(inst: dict, full: bool = False) -> dict:
@@ -356,6 +428,18 @@ def _parser() -> argparse.ArgumentParser:
     rs = sub.add_parser("reset-state", help="force vm_state (then use reboot --hard)")
     rs.add_argument("uuid")
     rs.add_argument("state", choices=["active", "error"])
+
+    mg = sub.add_parser("migrate", help="live-migrate a running instance from --host to DEST")
+    mg.add_argument("uuid")
+    mg.add_argument("dest", help="the destination host (its agent's host name)")
+    mg.add_argument("--block", action="store_true",
+                    help="block migration: copy the disks (hosts without shared storage)")
+    mg.add_argument("--wait", action="store_true",
+                    help="follow it to its end, with the migration's progress")
+
+    ma = sub.add_parser("migrate-abort", help="abort a running live migration (on --host, "
+                                              "the source); the guest stays there")
+    ma.add_argument("uuid")
 
     ls = sub.add_parser("list", help="list instances")
     ls.add_argument("--all", action="store_true", help="include deleted instances")
