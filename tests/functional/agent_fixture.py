@@ -39,6 +39,8 @@ class AgentProcess:
         self.virt_type = virt_type
         self.extra_conf = extra_conf
         self.proc: subprocess.Popen | None = None
+        # Where its domains are (cleanup): another for an agent of a second host.
+        self.libvirt_uri = "qemu:///system"
 
     def write_conf(self) -> None:
         os.makedirs(self.instances_path, exist_ok=True)
@@ -113,7 +115,7 @@ local_image_dir = {self.image_dir}
         print(f"agent {self.host} stopped in {time.monotonic() - t0:.1f}s", file=sys.stderr)
         if os.environ.get("KEEP_AGENT_LOGS"):
             shutil.copy(self.log_path, f"/tmp/{self.host}.log")
-        conn = libvirt.open("qemu:///system")
+        conn = libvirt.open(self.libvirt_uri)
         try:
             for uuid in self.known_uuids():
                 try:

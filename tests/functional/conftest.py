@@ -152,3 +152,16 @@ def glance(services):
     server.start()
     yield server
     server.cleanup()
+
+
+@pytest.fixture(scope="session")
+def second_host(services):
+    """A second hypervisor host for migration tests: its own libvirtd (and
+    virtlogd) in a mount/UTS namespace, on TCP at a loopback address. Started
+    once per session; stopping it destroys its domains and kills only its own
+    daemons (see second_host.py)."""
+    from tests.functional.second_host import SecondHost
+    host = SecondHost()
+    host.start()
+    yield host
+    host.stop()

@@ -90,15 +90,46 @@ def test_killed_during_hard_reboot_and_suspend_are_finished_or_rolled_back(api, 
     assert console.count("GUEST-READY") == 1
 
 
+def _is_libvirtd(pid: int) -> bool:
+    """A live (not zombie) libvirtd in our own mount namespace."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+        same_ns = os.readlink(f"/proc/{pid}/ns/mnt") == os.readlink("/proc/self/ns/mnt")
+    except OSError:
+        return False
+    name, state = stat[stat.index("(") + 1:stat.rindex(")")], stat[stat.rindex(")") + 2]
+    return name == "libvirtd" and state not in "ZX" and same_ns
+
+
+def _system_libvirtd_pid() -> int:
+    """The system libvirtd: the pid in its pid file, else the one libvirtd
+    process in this mount namespace."""
+    try:
+        with open("/run/libvirtd.pid") as f:
+            pid = int(f.read().strip())
+        if _is_libvirtd(pid):
+            return pid
+    except (OSError, ValueError):
+        pass
+    pids = [int(p) for p in subprocess.run(["pgrep", "-x", "libvirtd"], capture_output=True,
+                                           text=True).stdout.split() if _is_libvirtd(int(p))]
+    assert len(pids) == 1, f"expected one system libvirtd, found {pids}"
+    return pids[0]
+
+
 def test_libvirtd_restart_under_a_running_agent(api, kvm_agent):
     ctxt = api.new_context()
     spec = make_spec(image="bootsector", memory_mb=64)
     api.spawn(ctxt, kvm_agent.host, spec)
     assert wait_for(api, ctxt, kvm_agent.host, spec["uuid"], _settled)["vm_state"] == "active"
 
-    subprocess.run(["pkill", "-x", "libvirtd"], check=True)
+    # Only the system daemon: a second host's libvirtd (migration tests, in
+    # another mount namespace) must survive.
+    pid = _system_libvirtd_pid()
+    os.kill(pid, signal.SIGTERM)
     for _ in range(100):
-        if subprocess.run(["pgrep", "-x", "libvirtd"], capture_output=True).returncode:
+        if not _is_libvirtd(pid):
             break
         time.sleep(0.1)
     subprocess.run(["libvirtd", "-d"], check=True)
