@@ -14,6 +14,7 @@ steps are covered by the unit tests).
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import statistics
 import subprocess
@@ -127,6 +128,12 @@ def _write_pattern(uri, uuid) -> None:
         conn.close()
 
 
+def _ctl(agent, *args) -> subprocess.CompletedProcess:
+    return subprocess.run([os.path.join(os.path.dirname(sys.executable), "compute-agent-ctl"),
+                           "--config-file", agent.conf_path, *args],
+                          capture_output=True, text=True, cwd=REPO, timeout=300)
+
+
 def _disk(agent, uuid) -> str:
     return os.path.join(agent.instances_path, uuid, "disk")
 
@@ -152,9 +159,12 @@ def test_shared_storage_there_and_block_migration_back(api, lm_agents, second_ho
     subprocess.run(["qemu-img", "convert", "-U", "-f", "qcow2", "-O", "qcow2", _disk(a, uuid),
                     reference], check=True)
 
-    # A -> B, shared storage.
-    op = _migrate(api, a, uuid, b, block=False)
-    assert op["status"] == "done", (op, a.log_tail())
+    # A -> B, shared storage, with the operator's CLI.
+    out = _ctl(a, "-f", "json", "migrate", uuid, b.host, "--wait")
+    assert out.returncode == 0, (out.stderr, a.log_tail())
+    assert json.loads(out.stdout)["host"] == b.host
+    op = next(o for o in api.get_operations(ctxt, a.host, uuid) if o["name"] == "live_migration")
+    assert op["status"] == "done" and op["message"] in out.stderr, (op, out.stderr)
     assert f"migrated to {b.host} (shared storage)" in op["message"]
     steps = [s["name"] for s in op["steps"]]
     assert {"check_source", "check_destination", "pre_live_migration", "migrate",
@@ -219,9 +229,7 @@ def test_operator_abort_then_completion_timeout_leave_the_guest_on_the_source(
     api.live_migrate(mctxt, a.host, uuid, b.host, True)
     wait_for(api, ctxt, a.host, uuid, lambda _: _progress_seen(api, ctxt, a.host, uuid),
              timeout=60, what="migration progress")
-    out = subprocess.run([os.path.join(os.path.dirname(sys.executable), "compute-agent-ctl"),
-                          "--config-file", a.conf_path, "migrate-abort", uuid],
-                         capture_output=True, text=True, cwd=REPO)
+    out = _ctl(a, "migrate-abort", uuid)
     assert out.returncode == 0, out.stderr
     op = _wait_op(api, mctxt, a.host, uuid)
     assert op["status"] == "failed" and "aborted: by the operator" in op["message"], op
@@ -269,6 +277,9 @@ def test_checks_refuse_before_anything_moves(api, lm_agents, second_host):
     ctxt = api.new_context()
     uuid = _boot(api, a)
 
+    out = _ctl(a, "migrate", uuid, b.host, "--wait")
+    assert out.returncode == 1 and "live migration refused" in out.stderr, out.stderr
+    assert "storage is not shared" in out.stderr
     for dest, block, words in (
             (b, False, "storage is not shared"),
             (small, True, "not enough memory: the guest needs 64 MiB")):
