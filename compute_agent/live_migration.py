@@ -270,7 +270,15 @@ class LiveMigrationMixin:
         LOG.warning("Live migration to %s failed at step %s: %s; rolling back", dest,
                     journal.current_step, cause)
         failed_step = journal.current_step
-        if failed_step == "migrate" and self.driver.live_migration_source_state(inst) == "gone":
+        try:
+            where = self.driver.live_migration_source_state(inst)
+            if where == "migrating":  # the call failed but libvirt's job goes on: stop it
+                self.driver.live_migration_abort_job(inst)
+                where = self._wait_job_end(inst)
+        except Exception as state_exc:
+            LOG.warning("Could not tell where the guest is: %s", _reason(state_exc))
+            where = "unknown"
+        if failed_step == "migrate" and where == "gone":
             # The call failed but the guest left (e.g. an error after the switch-over).
             LOG.warning("The migration reported %r but the guest has left; finishing", cause)
             self._finish_live_migration(ctxt, inst, journal, op_id, mig_id, dest, shared,
@@ -526,6 +534,15 @@ class LiveMigrationMixin:
                     fault=objects.Fault(op_name, None, f"{reason}; {name}: {_reason(exc)}",
                                         now()))
 
+    def _wait_job_end(self, inst: objects.Instance, timeout: float = 60) -> str:
+        """After an abort: the source's state once the job ended (or timeout)."""
+        deadline = time.monotonic() + timeout
+        state = self.driver.live_migration_source_state(inst)
+        while state == "migrating" and time.monotonic() < deadline:
+            time.sleep(0.5)
+            state = self.driver.live_migration_source_state(inst)
+        return state
+
     def _reconcile_source(self, ctxt, inst: objects.Instance, journal: Journal) -> None:
         mig = self.store.get_migration(inst.uuid, SOURCE)
         shared = bool(mig.details.get("shared_storage", True)) if mig else True
@@ -533,10 +550,7 @@ class LiveMigrationMixin:
         if state == "migrating":
             with journal.step("abort_job"):
                 self.driver.live_migration_abort_job(inst)
-                deadline = time.monotonic() + 60
-                while state == "migrating" and time.monotonic() < deadline:
-                    time.sleep(0.5)
-                    state = self.driver.live_migration_source_state(inst)
+                state = self._wait_job_end(inst)
         if mig is None or state not in ("running", "gone"):
             raise exception.LiveMigrationFailed(uuid=inst.uuid, dest="?",
                                                 reason=f"after a restart the guest is {state}")

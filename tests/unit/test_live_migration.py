@@ -404,3 +404,30 @@ def test_timeout_abort_is_a_fault_but_the_guest_stays(hosts, running):
     assert src.store.get_migration(running).status == "failed"
     with pytest.raises(exception.InstanceNotFound):
         dst.store.get_instance(running)
+
+
+def test_error_reported_after_the_guest_left_is_finished_not_rolled_back(hosts, running):
+    src, dst = hosts
+
+    def switch_over():  # the guest moves, then libvirt reports an error anyway
+        dst.driver.guests[running] = src.driver.guests.pop(running)
+    src.driver.lm.during = switch_over
+    src.driver.lm.fail = exception.LiveMigrationFailed(uuid=running, dest="h2",
+                                                       reason="confirm phase failed")
+    src.live_migrate(o_context.RequestContext(), running, "h2", False)
+    assert _op(src, running).status == "done"
+    assert dst.store.get_instance(running).vm_state == "active"
+    assert "rollback_live_migration_at_destination" not in dst.driver.methods_called(running)
+
+
+def test_a_job_still_running_after_an_error_is_aborted_before_the_rollback(hosts, running):
+    src, dst = hosts
+    src.driver.lm.during = lambda: src.driver.lm.job_running.add(running)
+    src.driver.lm.fail = exception.LiveMigrationFailed(uuid=running, dest="h2",
+                                                       reason="connection to libvirtd lost")
+    src.live_migrate(o_context.RequestContext(), running, "h2", False)
+    assert src.driver.lm.aborted == [running]
+    assert _op(src, running).status == "failed"
+    assert src.store.get_instance(running).vm_state == "active"
+    with pytest.raises(exception.InstanceNotFound):
+        dst.store.get_instance(running)
