@@ -21,6 +21,8 @@
 #                        (plain "GUEST-BOOT" when the root disk is not writable)
 #   GUEST-IP <addr>      DHCP lease on eth0 (printed whenever the address changes)
 #   GUEST-VDB mounted <fstype> | GUEST-VDB present unformatted | GUEST-VDB removed
+#   GUEST-DISK <sdX|vdX> added serial=<serial> | removed | wrote <token>
+#                        other disks (volumes); "wrote": see CA-WRITE-REQUEST in /init
 #   GUEST-POWEROFF       ACPI power button seen, powering off
 set -euo pipefail
 
@@ -319,8 +321,43 @@ vdb_check() {
         printf '\nGUEST-VDB removed\n'
     fi
 }
+# Other disks (virtio-scsi volumes are /dev/sdX; virtio-blk ones past vdb are vdc...):
+# each is reported with its serial as it comes and goes. A disk whose first bytes are
+# CA-WRITE-REQUEST<token> gets "GUEST-WROTE <token>" written to its second sector, so a
+# test can see data written by the guest (through QEMU) on the volume's backing store.
+disks_check() {
+    for dev in /dev/sd? /dev/vd?; do
+        [ -b "$dev" ] || continue
+        name=${dev#/dev/}
+        [ "$name" = vdb ] && continue
+        case "$ROOTPART" in "$dev"*) continue ;; esac
+        [ -e "/run/disks/$name" ] && continue
+        mkdir -p /run/disks && touch "/run/disks/$name"
+        serial=$(cat "/sys/block/$name/serial" 2>/dev/null \
+                 || dd if="/sys/block/$name/device/vpd_pg80" bs=1 skip=4 2>/dev/null)
+        printf '\nGUEST-DISK %s added serial=%s\n' "$name" "$(echo "$serial" | tr -d '\000 ')"
+        head=$(dd if="$dev" bs=64 count=1 2>/dev/null | tr -d '\000')
+        case "$head" in
+        CA-WRITE-REQUEST*)
+            token=${head#CA-WRITE-REQUEST}
+            if printf 'GUEST-WROTE %s\n' "$token" \
+                    | dd of="$dev" bs=512 seek=1 conv=fsync 2>/dev/null; then
+                printf '\nGUEST-DISK %s wrote %s\n' "$name" "$token"
+            fi
+            ;;
+        esac
+    done
+    for f in /run/disks/*; do
+        [ -e "$f" ] || continue
+        name=${f##*/}
+        [ -b "/dev/$name" ] && continue
+        rm -f "$f"
+        printf '\nGUEST-DISK %s removed\n' "$name"
+    done
+}
 vdb_check
-(while :; do sleep 1; vdb_check; done) &
+disks_check
+(while :; do sleep 1; vdb_check; disks_check; done) &
 
 # Boot counter in /bootcnt on the root disk's FAT partition (skipped if read-only).
 BOOT=

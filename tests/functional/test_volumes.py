@@ -1,0 +1,337 @@
+"""Volumes against real back ends: tgt (iSCSI with CHAP, through QEMU's own
+initiator) and a single-node Ceph (RBD), attached at boot, live, to a stopped
+instance, detached (and a detach the guest refuses), re-established by hard
+reboot, boot from volume, failures that leave nothing behind, and no secret in
+libvirt.xml, get_instance or the agent's log.
+
+The Linux test guest (TCG) reports disks on its console (``GUEST-DISK sdX
+added|removed|wrote <token>``) and, for a disk starting with CA-WRITE-REQUEST
+<token>, writes "GUEST-WROTE <token>" into the disk's second sector: that is
+data written by the guest through QEMU, checked on tgt's backing file and with
+``rbd export``. Timings are printed (run with -s), never asserted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid as uuidlib
+
+import libvirt
+import pytest
+
+from compute_agent.virt.libvirt.volume.base import secret_uuid
+from tests.functional.agent_fixture import wait_for, wait_for_console
+from tests.functional.conftest import domain_exists, make_spec
+from tests.functional.test_lifecycle import _op
+from tests.functional.volume_fixtures import (  # noqa: F401 - fixtures
+    agent_secrets,
+    ceph,
+    ceph_cluster,
+    iscsi_target,
+    remove_agent_secrets,
+    write_request,
+)
+
+CHAP = ("ca-test-user", "chap-Pw-0f9e8d7c")
+VOLUME_CONF = "[volume]\ndetach_timeout = 3\ndetach_attempts = 2\n"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _ceph_starts_early(ceph_cluster):  # noqa: F811
+    """Ceph boots in the background while the first tests run."""
+
+
+@pytest.fixture
+def vol_agent(agent_factory):
+    """agent_factory, plus removal of secrets a failed test left behind."""
+    agents = []
+
+    def start(name="vol", virt_type="qemu"):
+        agent = agent_factory(name, virt_type=virt_type, extra_conf=VOLUME_CONF)
+        agents.append(agent)
+        return agent
+    yield start
+    for agent in agents:
+        remove_agent_secrets(agent.known_uuids())
+
+
+def _token() -> str:
+    return uuidlib.uuid4().hex[:16]
+
+
+def _timed(label: str, fn):
+    t0 = time.monotonic()
+    result = fn()
+    print(f"\n[timing] {label}: {time.monotonic() - t0:.2f}s", file=sys.stderr)
+    return result
+
+
+def _settled(inst):
+    return inst["task_state"] is None and inst["vm_state"] != "building"
+
+
+def _spawn(api, agent, spec, ready=True):
+    ctxt = api.new_context()
+    api.spawn(ctxt, agent.host, spec)
+    inst = wait_for(api, ctxt, agent.host, spec["uuid"], _settled, timeout=180)
+    if ready:
+        assert inst["vm_state"] == "active", (inst["fault"], agent.log_tail())
+        wait_for_console(api, ctxt, agent.host, spec["uuid"], "GUEST-READY", timeout=180)
+    return inst
+
+
+def _bdm(volume_id, device, conn_info, boot_index=None):
+    return {"volume_id": volume_id, "device": device, "boot_index": boot_index,
+            "connection_info": conn_info}
+
+
+def _attached(api, agent, uuid) -> list[str]:
+    inst = api.get_instance(api.new_context(), agent.host, uuid)
+    return [b["volume_id"] for b in inst["spec"]["block_devices"]]
+
+
+def _live_disks(uuid: str, inactive: bool = False) -> list[str]:
+    conn = libvirt.open("qemu:///system")
+    try:
+        xml = conn.lookupByUUIDString(uuid).XMLDesc(
+            libvirt.VIR_DOMAIN_XML_INACTIVE if inactive else 0)
+    finally:
+        conn.close()
+    from lxml import etree
+    return [t.get("dev") for t in etree.fromstring(xml.encode()).findall(
+        "devices/disk/target")]
+
+
+def _assert_no_secret_leaks(api, agent, uuid, secrets):
+    inst_dir = os.path.join(agent.instances_path, uuid)
+    with open(os.path.join(inst_dir, "libvirt.xml")) as f:
+        xml = f.read()
+    record = json.dumps(api.get_instance(api.new_context(), agent.host, uuid))
+    with open(agent.log_path, errors="replace") as f:
+        log = f.read()
+    for s in secrets:
+        assert s not in xml, "a secret in libvirt.xml"
+        assert s not in record, "a secret in get_instance"
+        assert s not in log, "a secret in the agent's log"
+
+
+def _wrote(console: str, token: str) -> int:
+    return sum(1 for line in console.splitlines() if "wrote " + token in line)
+
+
+@pytest.mark.tcg
+def test_iscsi_and_rbd_volumes_at_boot_live_detach_attach_and_hard_reboot(
+        api, vol_agent, iscsi_target, ceph):  # noqa: F811
+    agent = vol_agent()
+    host = agent.host
+    t_iscsi, t_rbd = _token(), _token()
+    iqn, backing = iscsi_target.add_lun("boot-chap", chap=CHAP, data=write_request(t_iscsi))
+    src = os.path.join(ceph.dir, "req.img")
+    with open(src, "wb") as f:
+        f.write(write_request(t_rbd))
+        f.truncate(32 * 1024 * 1024)
+    ceph.create_image("boot-rbd", 0, data_file=src)
+    iscsi_ci = iscsi_target.connection_info(iqn, chap=CHAP)
+    rbd_ci = ceph.connection_info("boot-rbd")
+    spec = make_spec(image="linux-guest", memory_mb=256)
+    spec["block_devices"] = [_bdm("vol-iscsi", "sdb", iscsi_ci), _bdm("vol-rbd", "sdc", rbd_ci)]
+    uuid = spec["uuid"]
+    _timed("spawn with iSCSI+RBD volumes to active", lambda: _spawn(api, agent, spec,
+                                                                    ready=False))
+    ctxt = api.new_context()
+    console = wait_for_console(api, ctxt, host, uuid, "GUEST-READY", timeout=180)
+
+    # The guest read each volume's request and wrote its token through QEMU.
+    for token in (t_iscsi, t_rbd):
+        console = wait_for_console(api, ctxt, host, uuid, "wrote " + token, timeout=60)
+    assert console.count("serial=vol-iscsi") == 1 and console.count("serial=vol-rbd") == 1
+    with open(backing, "rb") as f:
+        assert f.read(1024)[512:512 + 29] == f"GUEST-WROTE {t_iscsi}\n".encode()
+    out = os.path.join(ceph.dir, "export.img")
+    ceph.export("boot-rbd", out)
+    with open(out, "rb") as f:
+        assert f.read(1024)[512:512 + 29] == f"GUEST-WROTE {t_rbd}\n".encode()
+    os.unlink(out)
+
+    # CHAP password and cephx key live in libvirt secrets, nowhere else.
+    ours = {secret_uuid(uuid, "vol-iscsi"), secret_uuid(uuid, "vol-rbd")}
+    assert set(agent_secrets([uuid])) == ours
+    _assert_no_secret_leaks(api, agent, uuid, [CHAP[1], rbd_ci["data"]["key"]])
+    assert {"sdb", "sdc"} <= set(_live_disks(uuid))
+    assert iscsi_target.initiator_addresses(iqn) == ["127.0.0.1"]  # QEMU logged in
+
+    # Hard reboot re-establishes both, even when the host lost the secrets.
+    remove_agent_secrets([uuid])
+    ctxt = api.new_context()
+    _timed("hard reboot with 2 volumes", lambda: (api.reboot(ctxt, host, uuid, "HARD"),
+                                                  _op(api, ctxt, host, uuid)))
+    op = _op(api, ctxt, host, uuid)
+    assert op["status"] == "done", op
+    steps = [s["name"] for s in op["steps"]]
+    assert steps.index("connect_volumes") < steps.index("define_domain")
+    assert set(agent_secrets([uuid])) == ours
+    wait_for(api, ctxt, host, uuid, lambda _: all(
+        _wrote(api.get_console_output(ctxt, host, uuid, 5000), t) >= 2
+        for t in (t_iscsi, t_rbd)), timeout=120, what="both volumes after the hard reboot")
+
+    # Live detach of each type: the guest sees it go; record, domain, secret follow.
+    for vol, dev in (("vol-iscsi", "sdb"), ("vol-rbd", "sdc")):
+        ctxt = api.new_context()
+        _timed(f"live detach {vol}", lambda v=vol, c=ctxt: (
+            api.detach_volume(c, host, uuid, v), _op(api, c, host, uuid)))
+        op = _op(api, ctxt, host, uuid)
+        assert op["status"] == "done" and "(live)" in op["message"], op
+        assert vol not in _attached(api, agent, uuid)
+        assert dev not in _live_disks(uuid) and dev not in _live_disks(uuid, inactive=True)
+        assert secret_uuid(uuid, vol) not in agent_secrets([uuid])
+    console = wait_for_console(api, api.new_context(), host, uuid, "removed", timeout=30)
+    wait_for(api, ctxt, host, uuid, lambda _: api.get_console_output(
+        ctxt, host, uuid, 5000).count("GUEST-DISK") >= 2 + 2 + 2 + 2 + 2,
+        timeout=30, what="two 'removed' lines")
+    assert agent_secrets([uuid]) == {}
+
+    # Live attach of each type again: the guest finds them and writes once more.
+    for vol, dev, ci, token in (("vol-iscsi", "sdb", iscsi_ci, t_iscsi),
+                                ("vol-rbd", "sdc", rbd_ci, t_rbd)):
+        ctxt = api.new_context()
+        _timed(f"live attach {vol}", lambda v=vol, d=dev, i=ci, c=ctxt: (
+            api.attach_volume(c, host, uuid, _bdm(v, d, i)), _op(api, c, host, uuid)))
+        op = _op(api, ctxt, host, uuid)
+        assert op["status"] == "done" and "(live)" in op["message"], op
+        assert dev in _live_disks(uuid) and dev in _live_disks(uuid, inactive=True)
+        wait_for(api, ctxt, host, uuid, lambda _, t=token, c=ctxt: _wrote(
+            api.get_console_output(c, host, uuid, 5000), t) >= 3, timeout=60,
+            what=f"the guest writing to the re-attached {vol}")
+    assert sorted(_attached(api, agent, uuid)) == ["vol-iscsi", "vol-rbd"]
+    _assert_no_secret_leaks(api, agent, uuid, [CHAP[1], rbd_ci["data"]["key"]])
+
+    # Delete disconnects everything: no secret, no iSCSI session left.
+    ctxt = api.new_context()
+    api.delete(ctxt, host, uuid)
+    op = _op(api, ctxt, host, uuid)
+    assert op["status"] == "done" and "disconnect_volumes" in [s["name"] for s in op["steps"]]
+    assert agent_secrets([uuid]) == {}
+    assert iscsi_target.initiator_addresses(iqn) == []
+
+
+@pytest.mark.kvm
+def test_detach_the_guest_will_not_release_fails_and_keeps_the_volume(
+        api, vol_agent, iscsi_target):  # noqa: F811
+    """The boot-sector guest has no OS to answer a PCI unplug: a virtio-blk
+    volume (vdb) stays. The detach fails after detach_timeout x attempts,
+    and the volume stays attached in the record and in the domain."""
+    agent = vol_agent("sticky", virt_type="kvm")
+    iqn, _ = iscsi_target.add_lun("sticky", chap=CHAP)
+    spec = make_spec(image="bootsector", memory_mb=64)
+    spec["block_devices"] = [_bdm("vol-sticky", "vdb", iscsi_target.connection_info(iqn, CHAP))]
+    uuid = spec["uuid"]
+    _spawn(api, agent, spec)
+
+    # Through the operator CLI, with --wait: it reports the failure, exit 1.
+    t0 = time.monotonic()
+    res = subprocess.run(
+        [os.path.join(os.path.dirname(sys.executable), "compute-agent-ctl"),
+         "--config-file", agent.conf_path, "volume-detach", uuid, "vol-sticky", "--wait"],
+        capture_output=True, text=True, timeout=120)
+    print(f"\n[timing] refused detach (2 x 3s): {time.monotonic() - t0:.2f}s",
+          file=sys.stderr)
+    assert res.returncode == 1, res
+    assert "detach_volume FAILED" in res.stderr and "still attached" in res.stderr
+    assert "did not release vdb" in res.stderr
+    inst = api.get_instance(api.new_context(), agent.host, uuid)
+    assert (inst["vm_state"], inst["task_state"], inst["fault"]) == ("active", None, None)
+    assert _attached(api, agent, uuid) == ["vol-sticky"]
+    assert "vdb" in _live_disks(uuid) and "vdb" in _live_disks(uuid, inactive=True)
+    assert secret_uuid(uuid, "vol-sticky") in agent_secrets([uuid])
+
+    # The operator's way out: delete (or power off, then detach from the definition).
+    ctxt = api.new_context()
+    api.power_off(ctxt, agent.host, uuid, 30)
+    assert _op(api, ctxt, agent.host, uuid)["status"] == "done"
+    ctxt = api.new_context()
+    api.detach_volume(ctxt, agent.host, uuid, "vol-sticky")
+    op = _op(api, ctxt, agent.host, uuid)
+    assert op["status"] == "done" and "(config)" in op["message"], op
+    assert _attached(api, agent, uuid) == [] and agent_secrets([uuid]) == {}
+
+
+@pytest.mark.kvm
+def test_boot_from_rbd_volume_without_image(api, vol_agent, ceph):  # noqa: F811
+    """The boot-sector program on an RBD image, on virtio-scsi: SeaBIOS boots
+    it; the instance has no _base file and no root disk."""
+    from tests.functional.conftest import GUEST_DIR
+    agent = vol_agent("bfv", virt_type="kvm")
+    ceph.create_image("bfv-root", 8, data_file=os.path.join(GUEST_DIR, "bootsector-guest.raw"))
+    spec = make_spec(image="bootsector", memory_mb=64)
+    del spec["image"]
+    spec["block_devices"] = [_bdm("vol-root", "sda", ceph.connection_info("bfv-root"),
+                                  boot_index=0)]
+    uuid = spec["uuid"]
+    _timed("boot from RBD volume to GUEST-READY", lambda: _spawn(api, agent, spec))
+    inst = api.get_instance(api.new_context(), agent.host, uuid)
+    assert inst["image"] is None
+    assert sorted(os.listdir(os.path.join(agent.instances_path, uuid))) == [
+        "console.log", "libvirt.xml"]
+    base = os.path.join(agent.instances_path, "_base")
+    assert not os.path.isdir(base) or not [f for f in os.listdir(base)
+                                           if not f.startswith(".")]
+    # The root volume is not detachable; hard reboot boots it again.
+    ctxt = api.new_context()
+    api.detach_volume(ctxt, agent.host, uuid, "vol-root")
+    assert _op(api, ctxt, agent.host, uuid)["status"] == "refused"
+    ctxt = api.new_context()
+    api.reboot(ctxt, agent.host, uuid, "HARD")
+    assert _op(api, ctxt, agent.host, uuid)["status"] == "done"
+    wait_for(api, ctxt, agent.host, uuid, lambda _: api.get_console_output(
+        ctxt, agent.host, uuid, 500).count("GUEST-READY") >= 2, what="second boot")
+
+
+@pytest.mark.kvm
+def test_wrong_chap_or_missing_target_leave_nothing_half_attached(
+        api, vol_agent, iscsi_target):  # noqa: F811
+    agent = vol_agent("badvol", virt_type="kvm")
+    iqn, _ = iscsi_target.add_lun("badchap", chap=CHAP)
+    wrong = iscsi_target.connection_info(iqn, chap=(CHAP[0], "not-the-Pw-123"))
+
+    # At spawn: a clear fault, no domain, no secret.
+    spec = make_spec(image="bootsector", memory_mb=64)
+    spec["block_devices"] = [_bdm("vol-bad", "sdb", wrong)]
+    inst = _spawn(api, agent, spec, ready=False)
+    assert inst["vm_state"] == "error"
+    assert "Authentication failure" in inst["fault"]["message"], inst["fault"]
+    assert not domain_exists(spec["uuid"]) and agent_secrets([spec["uuid"]]) == {}
+
+    # Live attach to a running instance: the operation fails, the instance is as it was.
+    spec = make_spec(image="bootsector", memory_mb=64)
+    uuid = spec["uuid"]
+    _spawn(api, agent, spec)
+    missing = iscsi_target.connection_info(iqn + "-missing", chap=CHAP)
+    for ci, expect in ((wrong, "Authentication failure"), (missing, "Target")):
+        ctxt = api.new_context()
+        api.attach_volume(ctxt, agent.host, uuid, _bdm("vol-x", "sdb", ci))
+        op = _op(api, ctxt, agent.host, uuid)
+        assert op["status"] == "failed" and "Attaching volume vol-x failed" in op["message"]
+        assert expect in op["message"], op["message"]
+        inst = api.get_instance(api.new_context(), agent.host, uuid)
+        assert (inst["vm_state"], inst["task_state"], inst["fault"]) == ("active", None, None)
+        assert _attached(api, agent, uuid) == [] and agent_secrets([uuid]) == {}
+        assert "sdb" not in _live_disks(uuid) and "sdb" not in _live_disks(uuid, True)
+
+    # Attach to a stopped instance changes only the definition; power on connects.
+    ctxt = api.new_context()
+    api.power_off(ctxt, agent.host, uuid, 30)
+    assert _op(api, ctxt, agent.host, uuid)["status"] == "done"
+    ctxt = api.new_context()
+    api.attach_volume(ctxt, agent.host, uuid,
+                      _bdm("vol-ok", "sdb", iscsi_target.connection_info(iqn, chap=CHAP)))
+    op = _op(api, ctxt, agent.host, uuid)
+    assert op["status"] == "done" and "(config)" in op["message"], op
+    ctxt = api.new_context()
+    api.power_on(ctxt, agent.host, uuid)
+    assert _op(api, ctxt, agent.host, uuid)["status"] == "done"
+    assert "sdb" in _live_disks(uuid)
+    _assert_no_secret_leaks(api, agent, uuid, [CHAP[1], "not-the-Pw-123"])
