@@ -202,7 +202,7 @@ def run(driver, instance: objects.Instance, guest: Guest, journal: Journal,
         plan: objects.SnapshotPlan, upload: UploadFn, progress: ProgressFn) -> str:
     """Carry out ``plan``; every temporary file is gone when this returns or raises."""
     conf, uuid = driver.conf, instance.uuid
-    disk = _root_disk(driver, instance, guest.xml(), in_use=plan.mode == "live")
+    disk = _root_disk(driver, instance, guest.xml(), in_use=plan.mode != "cold")
     temps: list[str] = []
     started = time.monotonic()
     try:
@@ -241,8 +241,10 @@ def run(driver, instance: objects.Instance, guest: Guest, journal: Journal,
     finally:
         for path in temps:
             _remove(path)
-    return (f"copy {copied - started:.1f}s, flatten {flattened - copied:.1f}s, upload "
-            f"{done - flattened:.1f}s of {size // MiB} MiB")
+    phases = [("copy", copied - started)] if plan.mode != "cold" else []
+    phases += [("flatten", flattened - copied)] if plan.disk_format == "qcow2" else []
+    return ", ".join([f"{name} {secs:.1f}s" for name, secs in phases]
+                     + [f"upload {done - flattened:.1f}s of {size // MiB} MiB"])
 
 
 def _live_copy(driver, instance: objects.Instance, guest: Guest, disk: _RootDisk, copy: str,
