@@ -19,15 +19,16 @@ The flows:
 * cold-saved (running, with ``[libvirt] live_snapshot = false``): managed save,
   the disk converted into a standalone qcow2 copy, the guest restored.
 
-The data that goes up, and the disk space it takes on the way (Nova's flow
-holds about three times the disk's allocation: a copy, a flattened copy, ...):
+The data that goes up, and the extra disk space it takes on the way (Nova's
+flow, a copy then a flattened copy of it, was measured at ~3x the disk's
+allocation in its bug 1881727):
 
 * raw image: streamed straight to the image service from the layers, extent by
   extent where ``qemu-img map`` says the bytes are. No flattened file: the extra
   space is the live copy of the top layer (nothing at all for a cold snapshot).
 * qcow2 image: the live copy is made standalone in place (``qemu-img rebase``
   onto nothing) and uploaded; a cold snapshot converts the disk into one file.
-  The extra space is one flattened copy, i.e. the disk's allocation.
+  The extra space is one flattened copy: the disk's allocation, 1x.
 
 Temporary files live in the snapshots directory, named
 ``.snap-<host>-<pid>-<uuid>.<kind>.qcow2``: a restarted agent removes its own
