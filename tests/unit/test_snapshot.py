@@ -4,6 +4,7 @@ the instance."""
 
 from __future__ import annotations
 
+import os
 import threading
 
 import oslo_messaging as messaging
@@ -230,3 +231,22 @@ def test_snapshot_not_supported_by_a_driver_is_refused_clearly(manager, store, d
     err = rpc_error(manager.snapshot, ctxt, active, "s")
     assert "Snapshots with this driver is not supported" in str(err)
     assert store.get_instance(active).task_state is None
+
+
+def test_local_image_service_writes_snapshot_images(tmp_path):
+    from compute_agent.image.local import LocalImageService
+    service = LocalImageService(str(tmp_path))
+    image_id = service.create_image("web-1 backup", "qcow2", min_disk=1,
+                                    properties={"instance_uuid": "u"})
+    with pytest.raises(exception.ImageNotFound):  # no data yet
+        service.show(image_id)
+    service.upload(image_id, iter([b"a" * 10, b"b" * 5]), 15)
+    meta = service.show(image_id)
+    assert (meta.name, meta.disk_format, meta.size, meta.hash_algo) == (
+        "web-1 backup", "qcow2", 15, "sha512")
+    assert meta.properties == {"instance_uuid": "u"}
+    assert b"".join(service.download(image_id)) == b"a" * 10 + b"b" * 5
+    service.delete(image_id)
+    assert os.listdir(tmp_path) == []
+    with pytest.raises(exception.ImageNotFound):
+        service.delete(image_id)
