@@ -56,6 +56,7 @@ class IscsiTarget:
         self.control_port = 1000 + os.getpid() % 20000
         self.proc: subprocess.Popen | None = None
         self._tid = 0
+        self._accounts: dict[str, str] = {}
 
     def _adm(self, *args: str) -> str:
         return _run(["tgtadm", "-C", str(self.control_port), "--lld", "iscsi", *args])
@@ -100,8 +101,11 @@ class IscsiTarget:
         self._adm("--op", "bind", "--mode", "target", "--tid", tid, "-I", "ALL")
         if chap:
             user, password = chap
-            self._adm("--op", "new", "--mode", "account", "--user", user,
-                      "--password", password)
+            if user not in self._accounts:  # accounts are per tgtd, bound per target
+                self._adm("--op", "new", "--mode", "account", "--user", user,
+                          "--password", password)
+                self._accounts[user] = password
+            assert self._accounts[user] == password, "one password per CHAP user"
             self._adm("--op", "bind", "--mode", "account", "--tid", tid, "--user", user)
         return iqn, path
 
