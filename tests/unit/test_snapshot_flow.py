@@ -235,14 +235,14 @@ def test_a_mirror_that_never_catches_up_times_out(driver, conf, instance, disk, 
 
 def test_recover_ends_the_job_defines_the_domain_restores_and_cleans(driver, instance,
                                                                       tmp_path):
-    guest = FakeGuest(xml="<domain><devices><disk type='file'><driver type='qcow2'/>"
-                          "<source file='/d'/><target dev='vda'/></disk></devices></domain>")
+    inst_dir = driver.instance_dir(instance.uuid)
+    guest = FakeGuest(xml=f"<domain><devices><disk type='file'><driver type='qcow2'/><source "
+                          f"file='{inst_dir}/disk'/><target dev='vda'/></disk></devices></domain>")
     guest.job = {"cur": 100, "end": 100}
     guest.is_persistent = lambda: False
     guest.saved = True
     guest.start = lambda: guest.calls.append("start")
     driver.host.lookup = lambda uuid: guest
-    inst_dir = driver.instance_dir(instance.uuid)
     with open(os.path.join(inst_dir, snapshot.SAVED_XML), "w") as f:
         f.write("<domain>saved</domain>")
     open(os.path.join(inst_dir, snapshot.SAVED_MARK), "w").close()

@@ -409,7 +409,8 @@ def recover(driver, instance: objects.Instance) -> str:
     guest = driver.host.lookup(instance.uuid)
     if guest is not None and guest.is_running():
         xml = guest.xml()
-        for disk in config.parse_disks(xml):
+        root = os.path.join(inst_dir, "disk")
+        for disk in (d for d in config.parse_disks(xml) if d.path == root):
             if guest.block_job(disk.target_dev):
                 guest.abort_block_job(disk.target_dev)
                 notes.append(f"ended the copy job of {disk.target_dev}")
