@@ -119,8 +119,9 @@ class ComputeManager(LiveMigrationMixin):  # live migration: live_migration.py
             extra = {"launched_at": now()} if op_name == "spawn" else {}
             self.store.update_instance(inst.uuid, vm_state=settled, task_state=None,
                                        power_state=power, **extra)
-        elif op_name in ("reboot", "power_on") and inst.spec.image_id:
-            # Interrupted after the destroy: finish the job (hard reboot is idempotent).
+        elif op_name in ("reboot", "power_on"):
+            # Interrupted after the destroy: finish the job (hard reboot is idempotent;
+            # it also boots an instance whose root is a volume).
             self._run(ctxt, inst, "reboot", self._finish_hard_reboot, resumed=True)
         else:
             self.store.update_instance(

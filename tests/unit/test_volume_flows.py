@@ -393,3 +393,18 @@ def test_used_devices():
         "block_devices": [iscsi_bdm()]})
     devices, vols = connection.used_devices(spec)
     assert set(devices) == {"vda", "vdb", "sdb"} and vols == {"vol-1"}
+
+
+def test_reconcile_finishes_an_interrupted_reboot_of_a_volume_booted_instance(
+        manager, store, driver, make_spec):
+    spec = objects.InstanceSpec.from_dict(make_spec(
+        image=None, block_devices=[dict(rbd_bdm(device="sda"), boot_index=0)]))
+    store.create_instance(objects.Instance(spec=spec, host="h1", vm_state=states.ACTIVE,
+                                           task_state=states.REBOOTING_HARD))
+    op = store.start_operation(spec.uuid, "reboot", "req-before-crash")
+    store.finish_step(op, store.start_step(op, "destroy_domain"), "done")
+    store.start_step(op, "connect_volumes")
+    manager.reconcile()
+    inst = store.get_instance(spec.uuid)
+    assert (inst.vm_state, inst.task_state) == (states.ACTIVE, None)
+    assert driver.connected == {(spec.uuid, "vol-2")} and driver.guests[spec.uuid] == "running"
