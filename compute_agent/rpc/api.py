@@ -15,6 +15,7 @@ from oslo_context import context as o_context
 from compute_agent import objects, rpc
 from compute_agent.manager import RPC_API_VERSION
 from compute_agent.network import validate as network_validate
+from compute_agent.volume import connection as volume_connection
 
 
 class ComputeAPI:
@@ -39,7 +40,9 @@ class ComputeAPI:
 
     def spawn(self, ctxt, host: str, instance: dict, validate: bool = True) -> None:
         if validate:
-            objects.InstanceSpec.from_dict(instance)
+            spec = objects.InstanceSpec.from_dict(instance)
+            for i, bdm in enumerate(spec.block_devices):
+                volume_connection.check_remote_fields(bdm, f"block_devices[{i}].")
         self._prepare(host).cast(ctxt, "spawn", instance=instance)
 
     def delete(self, ctxt, host: str, uuid: str) -> None:
@@ -77,7 +80,8 @@ class ComputeAPI:
         """Attach a volume (one entry of the spec's block_devices, boot_index
         null) to a running or stopped instance."""
         if validate:
-            objects.BlockDevice.from_dict(block_device, "block_device.")
+            volume_connection.check_remote_fields(
+                objects.BlockDevice.from_dict(block_device, "block_device."), "block_device.")
         self._prepare(host).cast(ctxt, "attach_volume", uuid=uuid, block_device=block_device)
 
     def detach_volume(self, ctxt, host: str, uuid: str, volume_id: str) -> None:

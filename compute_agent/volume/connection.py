@@ -224,6 +224,13 @@ def parse(bdm: objects.BlockDevice, prefix: str, volume_conf) -> Connection:
     return LocalConnection(kind=kind, path=path, readonly=_readonly(d, dprefix))
 
 
+def check_remote_fields(bdm: objects.BlockDevice, prefix: str) -> None:
+    """What a client can check without the agent's configuration (rpc/api.py):
+    the fields of iscsi and rbd connections. Local paths depend on the host."""
+    if bdm.driver_volume_type in ("iscsi", "rbd"):
+        parse(bdm, prefix, None)
+
+
 def validate_spec(spec: objects.InstanceSpec, volume_conf) -> None:
     """Everything about the block devices of a spec that can be checked
     before the host is touched."""

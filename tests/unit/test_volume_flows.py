@@ -59,13 +59,30 @@ class FakeGuest:
         self.config: set[str] = set()
         self.requests: list[tuple[str, bool, bool]] = []
         self.attach_error: Exception | None = None
+        self.controllers_live = ["<controller type='scsi' model='virtio-scsi'/>"]
+        self.controllers_config = ["<controller type='scsi' model='virtio-scsi'/>"]
 
     def is_running(self):
         return self.running
 
+    def _xml(self, live):
+        ctrl = self.controllers_live if live else self.controllers_config
+        return "<domain><devices>" + "".join(ctrl) + "</devices></domain>"
+
+    def xml(self):
+        return self._xml(True)
+
+    def inactive_xml(self):
+        return self._xml(False)
+
     def attach_device(self, xml, live, config=True):
         if self.attach_error:
             raise self.attach_error
+        if xml.startswith("<controller"):
+            for on, ctrl in ((live, self.controllers_live), (config, self.controllers_config)):
+                if on:
+                    ctrl.append(xml)
+            return
         alias = xml.split("alias name=\"")[1].split('"')[0]
         if live:
             self.live.add(alias)
@@ -408,3 +425,30 @@ def test_reconcile_finishes_an_interrupted_reboot_of_a_volume_booted_instance(
     inst = store.get_instance(spec.uuid)
     assert (inst.vm_state, inst.task_state) == (states.ACTIVE, None)
     assert driver.connected == {(spec.uuid, "vol-2")} and driver.guests[spec.uuid] == "running"
+
+
+def test_client_api_checks_volume_fields_before_sending(make_spec):
+    from compute_agent.rpc.api import ComputeAPI
+    sent = []
+    api = object.__new__(ComputeAPI)
+    api._client = types.SimpleNamespace(prepare=lambda **kw: types.SimpleNamespace(
+        cast=lambda ctxt, method, **args: sent.append(method)))
+    with pytest.raises(exception.InvalidSpec, match="block_device.connection_info.data"):
+        api.attach_volume(None, "h1", INST, iscsi_bdm(target_iqn="bogus"))
+    with pytest.raises(exception.InvalidSpec, match=r"block_devices\[0\].*data.name"):
+        api.spawn(None, "h1", make_spec(block_devices=[rbd_bdm(name="x")]))
+    assert sent == []
+    local = {"volume_id": "v", "device": "sdd", "boot_index": None, "connection_info": {
+        "driver_volume_type": "file", "data": {"device_path": "/anywhere/x.img"}}}
+    api.attach_volume(None, "h1", INST, local)  # the agent's config decides on paths
+    api.detach_volume(None, "h1", INST, "v")
+    assert sent == ["attach_volume", "detach_volume"]
+
+
+def test_attach_adds_a_virtio_scsi_controller_to_an_older_domain(flows):
+    flows.guest.controllers_live, flows.guest.controllers_config = [], []
+    flows.volumes.attach(flows.inst, flows.guest, bdm_of(iscsi_bdm()))
+    assert flows.guest.controllers_live == flows.guest.controllers_config == [
+        "<controller type='scsi' index='0' model='virtio-scsi'/>"]
+    flows.volumes.attach(flows.inst, flows.guest, bdm_of(rbd_bdm()))  # not twice
+    assert len(flows.guest.controllers_live) == 1

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from lxml import etree
 from oslo_log import log as logging
 
 from compute_agent import exception, objects
@@ -102,6 +103,8 @@ class Volumes:
         self.connect(instance.uuid, bdm)
         try:
             live = guest.is_running()
+            if vol.bus == "scsi":
+                _ensure_scsi_controller(guest, live)
             guest.attach_device(config.volume_disk_xml(vol), live=live, config=True)
         except Exception as exc:
             try:
@@ -161,3 +164,19 @@ class Volumes:
             volume_id=bdm.volume_id, uuid=instance.uuid,
             reason=f"the guest did not release {bdm.device} ({vol.bus}) after {attempts} "
                    f"detach requests, {timeout}s each; the volume stays attached")
+
+
+_VIRTIO_SCSI = "<controller type='scsi' index='0' model='virtio-scsi'/>"
+
+
+def _ensure_scsi_controller(guest: Guest, live: bool) -> None:
+    """Domains defined before volumes were supported have no SCSI controller,
+    and libvirt would add its default one (lsilogic) for an sdX disk: add
+    virtio-scsi first, where it is missing."""
+    def has_one(xml: str) -> bool:
+        return etree.fromstring(xml.encode()).find(
+            "devices/controller[@type='scsi']") is not None
+    need_live = live and not has_one(guest.xml())
+    need_config = not has_one(guest.inactive_xml())
+    if need_live or need_config:
+        guest.attach_device(_VIRTIO_SCSI, live=need_live, config=need_config)
