@@ -208,7 +208,10 @@ def test_shared_storage_there_and_block_migration_back(api, lm_agents, second_ho
 
 
 def _progress_seen(api, ctxt, host, uuid) -> dict:
-    mig = api.get_migration(ctxt, host, uuid)
+    try:
+        mig = api.get_migration(ctxt, host, uuid)
+    except exception.NotFound:  # the cast has not started yet
+        return {}
     return mig if mig["status"] == "running" and mig["details"].get("progress") else {}
 
 
