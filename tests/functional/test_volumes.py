@@ -15,8 +15,11 @@ from __future__ import annotations
 
 import json
 import os
+import pathlib
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import uuid as uuidlib
 
@@ -50,8 +53,8 @@ def vol_agent(agent_factory):
     """agent_factory, plus removal of secrets a failed test left behind."""
     agents = []
 
-    def start(name="vol", virt_type="qemu"):
-        agent = agent_factory(name, virt_type=virt_type, extra_conf=VOLUME_CONF)
+    def start(name="vol", virt_type="qemu", extra_conf=""):
+        agent = agent_factory(name, virt_type=virt_type, extra_conf=VOLUME_CONF + extra_conf)
         agents.append(agent)
         return agent
     yield start
@@ -335,3 +338,45 @@ def test_wrong_chap_or_missing_target_leave_nothing_half_attached(
     assert _op(api, ctxt, agent.host, uuid)["status"] == "done"
     assert "sdb" in _live_disks(uuid)
     _assert_no_secret_leaks(api, agent, uuid, [CHAP[1], "not-the-Pw-123"])
+
+
+@pytest.fixture
+def qemu_readable_dir():
+    """A temp dir QEMU (libvirt-qemu) can reach: pytest's tmp_path is under a 0700 dir."""
+    path = pathlib.Path(tempfile.mkdtemp(prefix="ca-vols-", dir="/var/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.mark.kvm
+def test_local_file_volume_inside_the_allowed_dir_only(api, vol_agent, qemu_readable_dir):
+    tmp_path = qemu_readable_dir
+    vols = tmp_path / "vols"
+    vols.mkdir()
+    os.chmod(tmp_path, 0o755)
+    (vols / "data.img").write_bytes(b"\0" * (4 * 1024 * 1024))
+    agent = vol_agent("file", virt_type="kvm",
+                      extra_conf=f"allowed_local_volume_dirs = {vols}\n")
+    spec = make_spec(image="bootsector", memory_mb=64)
+    uuid = spec["uuid"]
+    _spawn(api, agent, spec)
+
+    def attach(path):
+        ctxt = api.new_context()
+        api.attach_volume(ctxt, agent.host, uuid, _bdm("vol-file", "sdb", {
+            "driver_volume_type": "file", "data": {"device_path": str(path)}}))
+        return _op(api, ctxt, agent.host, uuid)
+
+    op = attach(tmp_path / "outside.img")
+    assert op["status"] == "refused" and "allowed_local_volume_dirs" in op["message"]
+    os.symlink("/etc/hostname", vols / "escape.img")
+    op = attach(vols / "escape.img")
+    assert op["status"] == "failed" and "resolved" in op["message"], op
+    assert "sdb" not in _live_disks(uuid)
+    op = attach(vols / "data.img")
+    assert op["status"] == "done" and "(live)" in op["message"], op["message"]
+    assert "sdb" in _live_disks(uuid)
+    ctxt = api.new_context()
+    api.detach_volume(ctxt, agent.host, uuid, "vol-file")
+    assert _op(api, ctxt, agent.host, uuid)["status"] == "done"
+    assert "sdb" not in _live_disks(uuid) and _attached(api, agent, uuid) == []
