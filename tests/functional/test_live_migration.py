@@ -16,6 +16,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -56,8 +57,15 @@ def lm_agents(api, image_dir, second_host):
         return agent
 
     yield start
-    for agent in reversed(started):
-        agent.cleanup()
+    failed = []
+    for agent in reversed(started):  # each one, whatever happened to the others
+        try:
+            agent.cleanup()
+        except Exception as exc:
+            failed.append(f"{agent.host}: {exc!r}")
+            agent.kill(9)
+            shutil.rmtree(agent.root, ignore_errors=True)
+    assert not failed, failed
 
 
 def _settled(inst):
