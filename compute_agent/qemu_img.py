@@ -104,3 +104,20 @@ def rebase_standalone(path: str) -> None:
     """Make a qcow2 overlay standalone, in place: the data it takes from its
     backing file is copied into it (safe rebase onto nothing)."""
     _run("rebase", "-f", "qcow2", "-b", "", path, cpu_time=CONF.image.qemu_img_cpu_time * 20)
+
+
+def rebase_unsafe(path: str, backing_file: str) -> None:
+    """Point a qcow2 overlay at ``backing_file`` (raw) without touching its
+    data (-u): for a copied top layer whose base is the same image at
+    another path."""
+    _run("rebase", "-q", "-u", "-f", "qcow2", "-b", backing_file, "-F", "raw", path)
+
+
+def check(path: str, fmt: str = "qcow2") -> None:
+    """``qemu-img check``: raises CommandFailed when the image is corrupt or leaks."""
+    _run("check", "-q", "-f", fmt, path)
+
+
+def resize(path: str, size_bytes: int, fmt: str = "qcow2") -> None:
+    """Grow the image's virtual size (never shrinks: --shrink is not passed)."""
+    _run("resize", "-q", "-f", fmt, path, str(size_bytes))
