@@ -486,13 +486,14 @@ def write_report(rows, out_dir):
 def main():
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("scenarios", nargs="*", default=SCENARIOS, choices=SCENARIOS)
+    p.add_argument("scenarios", nargs="*", choices=SCENARIOS,
+                   help=f"default: all of {', '.join(SCENARIOS)}")
     p.add_argument("--runs", type=int, default=10)
     p.add_argument("--out", default=os.path.join(REPO, "bench-results"))
     args = p.parse_args()
     bench = Bench(args.runs)
     try:
-        for name in args.scenarios:
+        for name in args.scenarios or SCENARIOS:
             getattr(bench, name)()
     finally:
         bench.close()
