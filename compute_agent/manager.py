@@ -30,9 +30,13 @@ from compute_agent.journal import Journal
 from compute_agent.live_migration import OPERATIONS as LIVE_MIGRATION_OPERATIONS
 from compute_agent.live_migration import LiveMigrationMixin
 from compute_agent.network import validate as network_validate
+from compute_agent.resize import OPERATIONS as RESIZE_OPERATIONS
+from compute_agent.resize import ResizeMixin
+from compute_agent.snapshot_ops import SnapshotMixin
 from compute_agent.store import Store, now
 from compute_agent.virt.driver import ComputeDriver
 from compute_agent.volume import connection as volume_connection
+from compute_agent.volume_ops import VolumeOpsMixin
 
 LOG = logging.getLogger(__name__)
 
@@ -43,7 +47,10 @@ RPC_API_VERSION = "1.0"
 _expected = messaging.expected_exceptions(exception.ComputeAgentError)
 
 
-class ComputeManager(LiveMigrationMixin):  # live migration: live_migration.py
+class ComputeManager(LiveMigrationMixin, SnapshotMixin, VolumeOpsMixin, ResizeMixin):
+    """The mixins hold the longer flows' RPC methods: live_migration.py,
+    snapshot_ops.py, volume_ops.py; they share this class's operation shape."""
+
     target = messaging.Target(version=RPC_API_VERSION)
 
     def __init__(self, conf, store: Store, driver: ComputeDriver, images: ImageService,
@@ -91,6 +98,9 @@ class ComputeManager(LiveMigrationMixin):  # live migration: live_migration.py
                        reason: str) -> None:
         if op_name in LIVE_MIGRATION_OPERATIONS:
             self._reconcile_live_migration(ctxt, inst, op_name, reason)
+            return
+        if op_name in RESIZE_OPERATIONS:  # resize.py
+            self._reconcile_resize(ctxt, inst, op_name, reason)
             return
         power = self._power_state(inst)
         saved = power == states.SUSPENDED_POWER
@@ -394,95 +404,6 @@ class ComputeManager(LiveMigrationMixin):  # live migration: live_migration.py
 
         self._cast(ctxt, uuid, "update_security_groups", "update_security_groups", body)
 
-    # --- RPC: volumes --------------------------------------------------------------
-
-    def attach_volume(self, ctxt, uuid: str, block_device: dict) -> None:
-        """Attach a volume to a running (live and persistent) or stopped
-        (persistent) instance. A failure leaves the instance as it was, the
-        volume neither attached nor connected; the reason is in the operation."""
-        with self._context(ctxt, uuid):
-            try:
-                bdm = objects.BlockDevice.from_dict(block_device, "block_device.")
-                self._check_attachable(objects.validate_uuid(uuid), bdm)
-            except (exception.Invalid, exception.NotFound) as exc:
-                self._refuse(ctxt, uuid, "attach_volume", exc)
-                return
-
-        def body(inst, journal):
-            current = self.store.get_instance(inst.uuid)  # under the instance lock now
-            self._check_attachable(inst.uuid, bdm, current)
-            how = self.driver.attach_volume(current, journal, bdm)
-            spec = dataclasses.replace(current.spec,
-                                       block_devices=current.spec.block_devices + (bdm,))
-            with journal.step("save_spec"):
-                self.store.update_instance(inst.uuid, spec=json.dumps(spec.to_dict()))
-            journal.note = f"volume {bdm.volume_id} attached as {bdm.device} ({how})"
-
-        self._volume_cast(ctxt, uuid, "attach_volume", body)
-
-    def _check_attachable(self, uuid: str, bdm: objects.BlockDevice,
-                          inst: objects.Instance | None = None) -> None:
-        inst = inst or self.store.get_instance(uuid)
-        allowed, _ = states.ALLOWED["attach_volume"]
-        if inst.vm_state not in allowed:
-            raise exception.InvalidState(action="attach_volume", uuid=uuid,
-                                         vm_state=inst.vm_state, task_state=inst.task_state)
-        devices, volumes = volume_connection.used_devices(inst.spec)
-        if bdm.boot_index is not None:
-            raise exception.InvalidSpec(field="block_device.boot_index",
-                                        reason="must be null for a volume attached later")
-        volume_connection.check_block_device(bdm, "block_device.", self.conf.volume,
-                                             devices, volumes)
-
-    def detach_volume(self, ctxt, uuid: str, volume_id: str) -> None:
-        """Detach a volume; from a running guest only once libvirt says the disk
-        is gone. When the guest will not let go the operation fails and the
-        volume stays attached (in the record and in the domain)."""
-        def find(inst: objects.Instance) -> objects.BlockDevice:
-            allowed, _ = states.ALLOWED["detach_volume"]
-            if inst.vm_state not in allowed:
-                raise exception.InvalidState(action="detach_volume", uuid=inst.uuid,
-                                             vm_state=inst.vm_state,
-                                             task_state=inst.task_state)
-            bdm = next((b for b in inst.spec.block_devices if b.volume_id == volume_id), None)
-            if bdm is None:
-                raise exception.NotFound(what=f"volume {volume_id!r} attached to instance "
-                                              f"{inst.uuid}")
-            if bdm.boot_index == 0:
-                raise exception.InvalidArgument(name="volume_id",
-                                                reason="the root volume cannot be detached")
-            return bdm
-
-        with self._context(ctxt, uuid):
-            try:
-                find(self.store.get_instance(objects.validate_uuid(uuid)))
-            except (exception.Invalid, exception.NotFound) as exc:
-                self._refuse(ctxt, uuid, "detach_volume", exc)
-                return
-
-        def body(inst, journal):
-            current = self.store.get_instance(inst.uuid)  # under the instance lock now
-            bdm = find(current)
-            how = self.driver.detach_volume(current, journal, bdm)
-            spec = dataclasses.replace(current.spec, block_devices=tuple(
-                b for b in current.spec.block_devices if b.volume_id != volume_id))
-            with journal.step("save_spec"):
-                self.store.update_instance(inst.uuid, spec=json.dumps(spec.to_dict()))
-            journal.note = f"volume {volume_id} detached from {bdm.device} ({how})"
-
-        self._volume_cast(ctxt, uuid, "detach_volume", body)
-
-    def _volume_cast(self, ctxt, uuid: str, action: str, body) -> None:
-        """Like _cast, but a failure keeps the instance's vm_state: a volume
-        that could not be attached or detached leaves a working instance."""
-        with self._context(ctxt, uuid):
-            try:
-                inst = self._accept(ctxt, objects.validate_uuid(uuid), action)
-            except (exception.Invalid, exception.NotFound) as exc:
-                self._refuse(ctxt, uuid, action, exc)
-                return
-            self._run(ctxt, inst, action, body, keep_vm_state=True)
-
     @_expected
     def reset_state(self, ctxt, uuid: str, state: str) -> dict:
         """The operator's escape hatch: force vm_state to active or error and
@@ -505,166 +426,6 @@ class ComputeManager(LiveMigrationMixin):  # live migration: live_migration.py
                                        message=note)
             LOG.warning("reset_state: %s", note)
             return after.to_dict()
-
-    # --- RPC: snapshot ---------------------------------------------------------
-
-    @_expected
-    def snapshot(self, ctxt, uuid: str, name: str) -> str:
-        """Turn the instance's root disk into a new image (a call). The image
-        record is created (queued) and its id returned at once; the copy and the
-        upload go on in the background, task_state image_snapshot, then
-        image_uploading, with ``progress`` in the record. A failure leaves the
-        instance as it was and is told in the operation's record."""
-        with self._context(ctxt, uuid):
-            try:
-                _check_image_name(name)
-                inst = self._accept(ctxt, objects.validate_uuid(uuid), "snapshot")
-            except (exception.Invalid, exception.NotFound) as exc:
-                self._refuse(ctxt, uuid, "snapshot", exc)
-                raise
-            handoff = _Handoff()
-
-            def work():
-                ctxt.update_store()  # this thread's log lines carry the request
-                try:
-                    self._run(ctxt, inst, "snapshot",
-                              lambda i, j: self._do_snapshot(i, j, name, handoff),
-                              keep_vm_state=True)
-                finally:
-                    handoff.close(exception.SnapshotFailed(
-                        uuid=inst.uuid, reason="it ended before the image was created"))
-                    self._background.discard(threading.current_thread())
-
-            thread = threading.Thread(target=work, name=f"snapshot-{inst.uuid}", daemon=True)
-            self._background.add(thread)
-            thread.start()
-            return handoff.wait(_SNAPSHOT_START_TIMEOUT, inst.uuid)
-
-    def _do_snapshot(self, inst: objects.Instance, journal: Journal, name: str,
-                     handoff: _Handoff) -> None:
-        try:
-            with journal.step("prepare"):
-                base = self._base_image(inst)
-                plan = self.driver.prepare_snapshot(inst, base)
-            with journal.step("create_image"):
-                min_disk = inst.spec.flavor.root_gb or -(-plan.virtual_size // 1024 ** 3)
-                image_id = self.images.create_image(
-                    name, plan.disk_format, "bare", min_disk=max(min_disk, getattr(
-                        base, "min_disk", 0)), min_ram=getattr(base, "min_ram", 0),
-                    properties=self._snapshot_properties(inst, base, plan))
-                journal.step_result = f"image {image_id}"
-        except Exception as exc:
-            handoff.error = exc  # the call raises it once the task has ended
-            raise
-        handoff.give(image_id)
-        LOG.info("Snapshot into image %s: %s, %s, %s", image_id, plan.mode, plan.consistency,
-                 plan.disk_format)
-        shown = [-1]
-
-        def progress(percent: int) -> None:
-            percent = max(0, min(100, int(percent)))
-            if percent != shown[0]:
-                shown[0] = percent
-                self.store.update_instance(inst.uuid, progress=percent)
-
-        def upload(data, size: int) -> None:
-            self.store.update_instance(inst.uuid, task_state=states.IMAGE_UPLOADING)
-            self.images.upload(image_id, data, size)
-
-        try:
-            note = self.driver.snapshot(inst, journal, plan, upload, progress)
-        except Exception as exc:
-            if isinstance(exc, exception.RestoreFailed):  # the guest it saved is not back
-                self.store.update_instance(inst.uuid, vm_state=states.ERROR, fault=objects.Fault(
-                    "snapshot", journal.current_step, str(exc), now()))
-            self._discard_image(image_id)
-            raise
-        self.store.update_instance(inst.uuid, task_state=None, progress=None,
-                                   power_state=self._power_state(inst))
-        journal.note = (f"image {image_id} ({plan.mode}, {plan.consistency}, "
-                        f"{plan.disk_format}): {note}")
-
-    def _base_image(self, inst: objects.Instance) -> objects.ImageMeta | None:
-        if not inst.spec.image_id:
-            return None
-        try:
-            return self.images.show(inst.spec.image_id)
-        except exception.ComputeAgentError as exc:
-            LOG.warning("Base image %s is unavailable (%s); the snapshot inherits nothing "
-                        "from it", inst.spec.image_id, exc)
-            return None
-
-    def _snapshot_properties(self, inst: objects.Instance, base: objects.ImageMeta | None,
-                             plan: objects.SnapshotPlan) -> dict[str, str]:
-        """The base image's hw_/os_/img_ properties (Glance's own excepted),
-        then what this snapshot is."""
-        props = {k: str(v) for k, v in (base.properties if base else {}).items()
-                 if not k.startswith(("os_hash_", "os_glance", "os_hidden"))}
-        props.update(image_type="snapshot", instance_uuid=inst.uuid, snapshot_host=self.host,
-                     snapshot_mode=plan.mode, snapshot_consistency=plan.consistency)
-        if inst.spec.image_id:
-            props["base_image_ref"] = inst.spec.image_id
-        return props
-
-    def _discard_image(self, image_id: str) -> None:
-        """Delete a failed snapshot's image; while the image service cannot be
-        reached, keep trying in the background for about ten minutes."""
-        def attempt() -> bool:
-            try:
-                self.images.delete(image_id)
-            except exception.ImageNotFound:
-                pass
-            except exception.ComputeAgentError as exc:
-                LOG.warning("Could not delete image %s of a failed snapshot: %s", image_id, exc)
-                return False
-            LOG.info("Deleted image %s of a failed snapshot", image_id)
-            return True
-
-        def retry():
-            for delay in _DISCARD_RETRY_DELAYS:
-                time.sleep(delay)
-                if attempt():
-                    return
-            LOG.error("Gave up deleting image %s of a failed snapshot: delete it by hand",
-                      image_id)
-
-        if not attempt():
-            threading.Thread(target=retry, name=f"discard-{image_id}", daemon=True).start()
-
-    def _recover_snapshot(self, inst: objects.Instance, step: str | None, reason: str) -> None:
-        """An interrupted snapshot: undo what it left on the host, delete its
-        image, end the task. The instance keeps its vm_state."""
-        power = self._power_state(inst)
-        try:
-            note = self.driver.recover_snapshot(inst)
-        except Exception as exc:
-            LOG.exception("Could not undo the interrupted snapshot")
-            self.store.update_instance(
-                inst.uuid, vm_state=states.ERROR, task_state=None, progress=None,
-                power_state=power,
-                fault=objects.Fault("snapshot", step, f"{reason}; undoing it failed: {exc}",
-                                    now()))
-            return
-        op = next((o for o in self.store.operations(uuid=inst.uuid, limit=20)
-                   if o.name == "snapshot"), None)
-        image = next((s.message for s in (op.steps if op else [])
-                      if s.name == "create_image" and s.status == "done" and s.message), None)
-        if image:
-            self._discard_image(image.split()[-1])
-        if op is not None:
-            self.store.finish_operation(op.id, "interrupted", f"{reason}; {note}")
-        self.store.update_instance(inst.uuid, task_state=None, progress=None,
-                                   power_state=self._power_state(inst))
-        LOG.info("Reconciled the interrupted snapshot: %s; %s", note,
-                 f"{image} deleted" if image else "no image was created")
-
-    def wait_for_background(self, timeout: float | None = None) -> bool:
-        """Wait for operations running in the background (snapshot uploads) to
-        end; False if some are still running after ``timeout`` seconds."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        for thread in list(self._background):
-            thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
-        return not any(t.is_alive() for t in list(self._background))
 
     # --- the image cache -------------------------------------------------------
 
@@ -759,44 +520,3 @@ def _check_count(name: str, value: object, hi: int, lo: int = 1) -> None:
     # bool is an int subclass; true is never a count.
     if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
         raise exception.InvalidArgument(name=name, reason=f"must be {lo}..{hi}, got {value!r}")
-
-
-# How long the snapshot call waits for the image record (the RPC caller's own
-# timeout is usually 60 s), and the delays between attempts to delete a failed
-# snapshot's image while the image service is unreachable (~10 minutes).
-_SNAPSHOT_START_TIMEOUT = 50
-_DISCARD_RETRY_DELAYS = (1, 2, 4, 8, 15, 30) + (60,) * 9
-
-
-class _Handoff:
-    """The image id (or the error) a background snapshot hands to the call
-    waiting to answer."""
-
-    def __init__(self):
-        self._done = threading.Event()
-        self.image_id: str | None = None
-        self.error: Exception | None = None
-
-    def give(self, image_id: str) -> None:
-        self.image_id = image_id
-        self._done.set()
-
-    def close(self, default: Exception) -> None:
-        if not self._done.is_set():
-            self.error = self.error or default
-            self._done.set()
-
-    def wait(self, timeout: float, uuid: str) -> str:
-        if not self._done.wait(timeout):
-            raise exception.SnapshotFailed(
-                uuid=uuid, reason=f"no image record after {timeout}s; the snapshot goes on, "
-                                  f"follow its operation")
-        if self.error is not None:
-            raise self.error
-        return self.image_id
-
-
-def _check_image_name(name: object) -> None:
-    if not isinstance(name, str) or not 1 <= len(name) <= 255 or not name.isprintable():
-        raise exception.InvalidArgument(
-            name="name", reason=f"must be 1-255 printable characters, got {str(name)[:80]!r}")

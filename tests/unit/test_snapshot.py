@@ -168,8 +168,8 @@ def test_upload_failure_deletes_the_image_and_leaves_the_instance_unharmed(
 
 def test_image_deletion_is_retried_while_the_image_service_is_away(
         manager, store, images, ctxt, active, monkeypatch):
-    from compute_agent import manager as manager_mod
-    monkeypatch.setattr(manager_mod, "_DISCARD_RETRY_DELAYS", (0.01, 0.01, 0.01))
+    from compute_agent import snapshot_ops
+    monkeypatch.setattr(snapshot_ops, "_DISCARD_RETRY_DELAYS", (0.01, 0.01, 0.01))
     images.fail_upload = exception.ImageUploadFailed(image_id="?", reason="gone")
     images.fail_delete = exception.ImageUploadFailed(image_id="?", reason="unreachable")
     attempts = []

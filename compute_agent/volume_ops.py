@@ -1,0 +1,101 @@
+"""Volume RPCs of the ComputeManager (mixed into it): attach and detach on a
+running or stopped instance. The connectors themselves live in
+compute_agent/volume/ and the libvirt side in the driver."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+from compute_agent import exception, objects, states
+from compute_agent.volume import connection as volume_connection
+
+
+class VolumeOpsMixin:
+    def attach_volume(self, ctxt, uuid: str, block_device: dict) -> None:
+        """Attach a volume to a running (live and persistent) or stopped
+        (persistent) instance. A failure leaves the instance as it was, the
+        volume neither attached nor connected; the reason is in the operation."""
+        with self._context(ctxt, uuid):
+            try:
+                bdm = objects.BlockDevice.from_dict(block_device, "block_device.")
+                self._check_attachable(objects.validate_uuid(uuid), bdm)
+            except (exception.Invalid, exception.NotFound) as exc:
+                self._refuse(ctxt, uuid, "attach_volume", exc)
+                return
+
+        def body(inst, journal):
+            current = self.store.get_instance(inst.uuid)  # under the instance lock now
+            self._check_attachable(inst.uuid, bdm, current)
+            how = self.driver.attach_volume(current, journal, bdm)
+            spec = dataclasses.replace(current.spec,
+                                       block_devices=current.spec.block_devices + (bdm,))
+            with journal.step("save_spec"):
+                self.store.update_instance(inst.uuid, spec=json.dumps(spec.to_dict()))
+            journal.note = f"volume {bdm.volume_id} attached as {bdm.device} ({how})"
+
+        self._volume_cast(ctxt, uuid, "attach_volume", body)
+
+    def _check_attachable(self, uuid: str, bdm: objects.BlockDevice,
+                          inst: objects.Instance | None = None) -> None:
+        inst = inst or self.store.get_instance(uuid)
+        allowed, _ = states.ALLOWED["attach_volume"]
+        if inst.vm_state not in allowed:
+            raise exception.InvalidState(action="attach_volume", uuid=uuid,
+                                         vm_state=inst.vm_state, task_state=inst.task_state)
+        devices, volumes = volume_connection.used_devices(inst.spec)
+        if bdm.boot_index is not None:
+            raise exception.InvalidSpec(field="block_device.boot_index",
+                                        reason="must be null for a volume attached later")
+        volume_connection.check_block_device(bdm, "block_device.", self.conf.volume,
+                                             devices, volumes)
+
+    def detach_volume(self, ctxt, uuid: str, volume_id: str) -> None:
+        """Detach a volume; from a running guest only once libvirt says the disk
+        is gone. When the guest will not let go the operation fails and the
+        volume stays attached (in the record and in the domain)."""
+        def find(inst: objects.Instance) -> objects.BlockDevice:
+            allowed, _ = states.ALLOWED["detach_volume"]
+            if inst.vm_state not in allowed:
+                raise exception.InvalidState(action="detach_volume", uuid=inst.uuid,
+                                             vm_state=inst.vm_state,
+                                             task_state=inst.task_state)
+            bdm = next((b for b in inst.spec.block_devices if b.volume_id == volume_id), None)
+            if bdm is None:
+                raise exception.NotFound(what=f"volume {volume_id!r} attached to instance "
+                                              f"{inst.uuid}")
+            if bdm.boot_index == 0:
+                raise exception.InvalidArgument(name="volume_id",
+                                                reason="the root volume cannot be detached")
+            return bdm
+
+        with self._context(ctxt, uuid):
+            try:
+                find(self.store.get_instance(objects.validate_uuid(uuid)))
+            except (exception.Invalid, exception.NotFound) as exc:
+                self._refuse(ctxt, uuid, "detach_volume", exc)
+                return
+
+        def body(inst, journal):
+            current = self.store.get_instance(inst.uuid)  # under the instance lock now
+            bdm = find(current)
+            how = self.driver.detach_volume(current, journal, bdm)
+            spec = dataclasses.replace(current.spec, block_devices=tuple(
+                b for b in current.spec.block_devices if b.volume_id != volume_id))
+            with journal.step("save_spec"):
+                self.store.update_instance(inst.uuid, spec=json.dumps(spec.to_dict()))
+            journal.note = f"volume {volume_id} detached from {bdm.device} ({how})"
+
+        self._volume_cast(ctxt, uuid, "detach_volume", body)
+
+    def _volume_cast(self, ctxt, uuid: str, action: str, body) -> None:
+        """Like _cast, but a failure keeps the instance's vm_state: a volume
+        that could not be attached or detached leaves a working instance."""
+        with self._context(ctxt, uuid):
+            try:
+                inst = self._accept(ctxt, objects.validate_uuid(uuid), action)
+            except (exception.Invalid, exception.NotFound) as exc:
+                self._refuse(ctxt, uuid, action, exc)
+                return
+            self._run(ctxt, inst, action, body, keep_vm_state=True)
+
