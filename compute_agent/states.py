@@ -26,6 +26,11 @@ RESUMING = "resuming"
 IMAGE_SNAPSHOT = "image_snapshot"
 IMAGE_UPLOADING = "image_uploading"
 MIGRATING = "migrating"
+RESIZE_PREP = "resize_prep"
+RESIZE_MIGRATING = "resize_migrating"
+RESIZE_FINISH = "resize_finish"
+RESIZE_CONFIRMING = "resize_confirming"
+RESIZE_REVERTING = "resize_reverting"
 
 # power_state
 NOSTATE = "nostate"
@@ -66,6 +71,11 @@ ALLOWED = {
     # Live migration moves a running guest; a suspended one has no running
     # guest to move (and its save file is host-local): refused, state named.
     "live_migrate": ({ACTIVE}, MIGRATING),
+    # Resize / cold migration (resize.py): the guest is shut down first; a
+    # suspended one would lose its saved memory: refused, state named.
+    "resize": ({ACTIVE, STOPPED}, RESIZE_PREP),
+    "confirm_resize": ({RESIZED}, RESIZE_CONFIRMING),
+    "revert_resize": ({RESIZED}, RESIZE_REVERTING),
 }
 
 

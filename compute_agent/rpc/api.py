@@ -166,3 +166,43 @@ class ComputeAPI:
         return self._prepare(host, timeout).call(
             ctxt, "rollback_live_migration_at_destination", uuid=uuid,
             shared_storage=shared_storage)
+
+    # resize / cold migration ---------------------------------------------------------
+    # ``resize`` is the cast to the source; confirm/revert are casts to the
+    # destination (where the record is after a resize); the others are the
+    # host-to-host calls of the flow (compute_agent/resize.py).
+
+    def resize(self, ctxt, host: str, uuid: str, flavor: dict, dest: str | None = None) -> None:
+        """Cold-migrate (same flavor) or resize an instance from ``host`` to
+        ``dest``; it ends ``resized`` on ``dest``, to be confirmed or reverted."""
+        self._prepare(host).cast(ctxt, "resize", uuid=uuid, flavor=flavor, dest=dest)
+
+    def confirm_resize(self, ctxt, host: str, uuid: str) -> None:
+        self._prepare(host).cast(ctxt, "confirm_resize", uuid=uuid)
+
+    def revert_resize(self, ctxt, host: str, uuid: str) -> None:
+        self._prepare(host).cast(ctxt, "revert_resize", uuid=uuid)
+
+    def prep_resize(self, ctxt, host: str, instance: dict, source: str,
+                    record: dict | None = None, timeout: int | None = None) -> dict:
+        return self._prepare(host, timeout).call(ctxt, "prep_resize", instance=instance,
+                                                 source=source, record=record)
+
+    def finish_resize(self, ctxt, host: str, uuid: str, power_on: bool,
+                      timeout: int | None = None) -> None:
+        return self._prepare(host, timeout).call(ctxt, "finish_resize", uuid=uuid,
+                                                 power_on=power_on)
+
+    def cleanup_resize_at_destination(self, ctxt, host: str, uuid: str,
+                                      timeout: int | None = None) -> None:
+        return self._prepare(host, timeout).call(ctxt, "cleanup_resize_at_destination",
+                                                 uuid=uuid)
+
+    def confirm_resize_at_source(self, ctxt, host: str, uuid: str,
+                                 timeout: int | None = None) -> None:
+        return self._prepare(host, timeout).call(ctxt, "confirm_resize_at_source", uuid=uuid)
+
+    def finish_revert_resize(self, ctxt, host: str, uuid: str, record: dict | None = None,
+                             timeout: int | None = None) -> None:
+        return self._prepare(host, timeout).call(ctxt, "finish_revert_resize", uuid=uuid,
+                                                 record=record)

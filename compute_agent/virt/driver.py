@@ -207,3 +207,37 @@ class ComputeDriver(abc.ABC):
         """For reconciliation on the source: 'migrating' (a migration job is
         running), 'running' (the guest is here), or 'gone'."""
         raise NotSupported(what="Live migration with this driver")
+
+    # --- resize / cold migration (compute_agent/resize.py) ------------------------
+
+    def prep_resize_destination(self, instance: Instance, journal: Journal) -> dict:
+        """Destination: the image cached, an empty instance dir; returns
+        {instance_dir, libvirt_uri} for the source's disk transfer."""
+        raise NotSupported(what="Resize with this driver")
+
+    def finish_resize_destination(self, instance: Instance, journal: Journal,
+                                  power_on: bool) -> None:
+        """Destination: the transferred disks rebased and grown to the
+        instance's flavor, the domain defined (and started if power_on)."""
+        raise NotSupported(what="Resize with this driver")
+
+    def cleanup_resize_destination(self, instance: Instance, journal: Journal) -> None:
+        """Destination: remove everything of an incoming resize. Idempotent."""
+        raise NotSupported(what="Resize with this driver")
+
+    def migrate_disks_aside(self, instance: Instance, journal: Journal) -> None:
+        """Source, guest shut off: VIFs unplugged, the dir moved to <uuid>_resize."""
+        raise NotSupported(what="Resize with this driver")
+
+    def transfer_disks(self, instance: Instance, journal: Journal, dest: dict,
+                       progress) -> int:
+        """Source: upload the disks from <uuid>_resize; returns the bytes moved."""
+        raise NotSupported(what="Resize with this driver")
+
+    def restore_from_aside(self, instance: Instance, journal: Journal) -> bool:
+        """Source: <uuid>_resize back in place, VIFs plugged (rollback/revert)."""
+        raise NotSupported(what="Resize with this driver")
+
+    def remove_aside(self, instance: Instance, journal: Journal) -> None:
+        """Source, on confirm: the shut-off domain and <uuid>_resize removed."""
+        raise NotSupported(what="Resize with this driver")

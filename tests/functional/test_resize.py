@@ -101,3 +101,191 @@ def test_upload_never_overwrites(disk_dirs, second_host):
     with open(os.path.join(dst, "disk"), "rb") as f:
         assert f.read() == b"keep"
     assert not [p for p in _pools(second_host.uri) if p.startswith("ca-transfer-")]
+
+
+# --- resize and cold migration between two agents ------------------------------------
+
+from tests.functional.agent_fixture import wait_for, wait_for_console  # noqa: E402
+from tests.functional.conftest import make_spec  # noqa: E402
+from tests.functional.test_live_migration import (  # noqa: E402
+    _domain,
+    _ready_count,
+    _same_data,
+    _write_pattern,
+    lm_agents,  # noqa: F401  (the fixture)
+)
+
+GiB = 1024 ** 3
+
+
+def _settled(inst):
+    return inst["task_state"] is None and inst["vm_state"] != "building"
+
+
+def _boot(api, agent) -> dict:
+    ctxt = api.new_context()
+    spec = make_spec(image="bootsector", memory_mb=64, name="rs-guest")
+    api.spawn(ctxt, agent.host, spec)
+    inst = wait_for(api, ctxt, agent.host, spec["uuid"], _settled)
+    assert inst["vm_state"] == "active", (inst["fault"], agent.log_tail())
+    wait_for_console(api, ctxt, agent.host, spec["uuid"], "GUEST-READY")
+    return spec
+
+
+def _wait_op(api, ctxt, host, uuid, name, timeout=240) -> dict:
+    import time
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ops = api.get_operations(ctxt, host, uuid, limit=20)
+        mine = next((o for o in ops if o["request_id"] == ctxt.request_id
+                     and o["name"] == name), None)
+        if mine is not None and mine["status"] != "running":
+            return mine
+        time.sleep(0.3)
+    raise AssertionError(f"{name} of {uuid} on {host} did not end in {timeout}s")
+
+
+def _resize(api, src, uuid, flavor, dest) -> dict:
+    ctxt = api.new_context()
+    api.resize(ctxt, src.host, uuid, flavor, dest.host)
+    return _wait_op(api, ctxt, src.host, uuid, "resize")
+
+
+def _wait_settled(api, agent, uuid) -> dict:
+    ctxt = api.new_context()
+    return wait_for(api, ctxt, agent.host, uuid, _settled, timeout=180)
+
+
+def _xml(uri, uuid) -> str:
+    conn = libvirt.open(uri)
+    try:
+        return conn.lookupByUUIDString(uuid).XMLDesc(0)
+    finally:
+        conn.close()
+
+
+def _cleanup_domains(uri_list, uuid) -> None:
+    for uri in uri_list:
+        conn = libvirt.open(uri)
+        try:
+            dom = conn.lookupByUUIDString(uuid)
+            if dom.isActive():
+                dom.destroy()
+            dom.undefine()
+        except libvirt.libvirtError:
+            pass
+        finally:
+            conn.close()
+
+
+@pytest.fixture
+def two_agents(lm_agents, second_host):  # noqa: F811
+    conf = "[DEFAULT]\nshutdown_timeout = 3\n"
+    a = lm_agents("rs-a", extra_conf=conf)
+    b = lm_agents("rs-b", on_b=True, extra_conf=conf)
+    made = []
+    yield a, b, made
+    for uuid in made:
+        _cleanup_domains([SYSTEM_URI, second_host.uri], uuid)
+
+
+def test_cold_migrate_confirm_resize_revert(api, two_agents, second_host, tmp_path):
+    a, b, made = two_agents
+    ctxt = api.new_context()
+    spec = _boot(api, a)
+    uuid = spec["uuid"]
+    made.append(uuid)
+    _write_pattern(SYSTEM_URI, uuid)
+    reference = str(tmp_path / "reference.qcow2")
+    subprocess.run(["qemu-img", "convert", "-U", "-f", "qcow2", "-O", "qcow2",
+                    os.path.join(a.instances_path, uuid, "disk"), reference], check=True)
+
+    # Cold migration A -> B (same flavor).
+    op = _resize(api, a, uuid, spec["flavor"], b)
+    assert op["status"] == "done", (op, a.log_tail(), b.log_tail())
+    steps = [s["name"] for s in op["steps"]]
+    assert {"prep_resize", "power_off", "move_instance_dir", "transfer_disks",
+            "finish_resize"} <= set(steps), steps
+    inst = api.get_instance(ctxt, b.host, uuid)
+    assert (inst["host"], inst["vm_state"], inst["power_state"]) == (b.host, "resized",
+                                                                     "running")
+    with pytest.raises(exception.InstanceNotFound):
+        api.get_instance(ctxt, a.host, uuid)
+    wait_for_console(api, ctxt, b.host, uuid, "GUEST-READY")
+    b_disk = os.path.join(b.instances_path, uuid, "disk")
+    _same_data(reference, b_disk)
+    info = qemu_img.info(b_disk, "qcow2", force_share=True)
+    assert info.backing_file.startswith(b.instances_path), info
+    assert os.path.isdir(os.path.join(a.instances_path, uuid + "_resize"))
+
+    # Confirm: nothing is left on A.
+    api.confirm_resize(ctxt, b.host, uuid)
+    inst = wait_for(api, ctxt, b.host, uuid,
+                    lambda i: i["task_state"] is None and i["vm_state"] != "resized")
+    assert inst["vm_state"] == "active", inst
+    assert not os.path.exists(os.path.join(a.instances_path, uuid + "_resize"))
+    assert _domain(SYSTEM_URI, uuid) is None
+
+    # A shrinking resize is refused before anything moves.
+    op = _resize(api, b, uuid, dict(spec["flavor"], root_gb=0), a)
+    assert op["status"] == "refused" and "shrink" in op["message"], op
+    inst = api.get_instance(ctxt, b.host, uuid)
+    assert (inst["vm_state"], inst["task_state"], inst["power_state"]) == ("active", None,
+                                                                           "running")
+
+    # Resize B -> A to a bigger flavor: vcpus, memory, disk size.
+    bigger = dict(spec["flavor"], name="ft.bigger", vcpus=2, memory_mb=96, root_gb=2)
+    op = _resize(api, b, uuid, bigger, a)
+    assert op["status"] == "done", (op, a.log_tail(), b.log_tail())
+    inst = api.get_instance(ctxt, a.host, uuid)
+    assert (inst["vm_state"], inst["power_state"]) == ("resized", "running")
+    xml = _xml(SYSTEM_URI, uuid)
+    assert ">2</vcpu>" in xml and "<memory unit='KiB'>98304</memory>" in xml, xml
+    a_disk = os.path.join(a.instances_path, uuid, "disk")
+    assert qemu_img.info(a_disk, "qcow2", force_share=True).virtual_size == 2 * GiB
+    _same_data(reference, a_disk)
+    wait_for_console(api, ctxt, a.host, uuid, "GUEST-READY")
+
+    # Revert: the guest runs on B as before, nothing is left on A.
+    api.revert_resize(ctxt, a.host, uuid)
+    inst = _wait_settled(api, b, uuid)
+    assert (inst["host"], inst["vm_state"], inst["power_state"]) == (b.host, "active",
+                                                                     "running"), inst
+    assert inst["flavor"]["vcpus"] == 1 if "flavor" in inst else True
+    assert ">1</vcpu>" in _xml(second_host.uri, uuid)
+    with pytest.raises(exception.InstanceNotFound):
+        api.get_instance(ctxt, a.host, uuid)
+    assert _domain(SYSTEM_URI, uuid) is None
+    assert not os.path.exists(os.path.join(a.instances_path, uuid))
+    assert not os.path.exists(os.path.join(b.instances_path, uuid + "_resize"))
+    _same_data(reference, os.path.join(b.instances_path, uuid, "disk"))
+    assert _ready_count(api, ctxt, b, uuid) >= 1
+
+
+def test_source_killed_during_transfer_rolls_back(api, two_agents, second_host):
+    a, b, made = two_agents
+    ctxt = api.new_context()
+    spec = _boot(api, a)
+    uuid = spec["uuid"]
+    made.append(uuid)
+    a.kill()
+    a.start(api, ctxt, env={"COMPUTE_AGENT_PAUSE_BEFORE_STEP": "resize:transfer_disk:60"})
+    ctxt = api.new_context()
+    api.resize(ctxt, a.host, uuid, spec["flavor"], b.host)
+    import time
+    deadline = time.monotonic() + 120
+    while not os.path.isdir(os.path.join(a.instances_path, uuid + "_resize")):
+        assert time.monotonic() < deadline, a.log_tail()
+        time.sleep(0.3)
+    time.sleep(1)
+    a.kill(9)
+    a.start(api, api.new_context())
+    inst = _wait_settled(api, a, uuid)
+    assert (inst["vm_state"], inst["power_state"]) == ("active", "running"), (inst, a.log_tail())
+    assert "agent restarted" in inst["fault"]["message"]
+    assert os.path.exists(os.path.join(a.instances_path, uuid, "disk"))
+    assert not os.path.exists(os.path.join(a.instances_path, uuid + "_resize"))
+    with pytest.raises(exception.InstanceNotFound):
+        api.get_instance(ctxt, b.host, uuid)
+    assert not os.path.exists(os.path.join(b.instances_path, uuid))
+    assert second_host.domain(uuid) is None

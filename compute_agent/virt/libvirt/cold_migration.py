@@ -21,13 +21,15 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import shutil
 from collections.abc import Callable
 from xml.sax.saxutils import escape
 
 import libvirt
 from oslo_log import log as logging
 
-from compute_agent import exception
+from compute_agent import exception, qemu_img
+from compute_agent.virt.libvirt import disk
 
 LOG = logging.getLogger(__name__)
 
@@ -147,3 +149,125 @@ def upload_file(dest_uri: str, local_path: str, dest_dir: str, name: str | None 
             with contextlib.suppress(libvirt.libvirtError):
                 pool.destroy()  # transient: gone with its definition; files stay
         conn.close()
+
+
+def resize_dir(instance_dir: str) -> str:
+    return instance_dir.rstrip("/") + "_resize"
+
+
+class ColdMigrationMixin:
+    """LibvirtDriver's side of resize and cold migration (orchestrated by
+    compute_agent/resize.py). Uses the driver's host, conf, image_cache,
+    network, instance_dir, _plug_vifs, _define, hard_reboot, destroy."""
+
+    # --- the destination -----------------------------------------------------------
+
+    def prep_resize_destination(self, instance, journal) -> dict:
+        """The image in this host's cache, an empty instance directory; where
+        the source sends the disks."""
+        if instance.spec.image_id is not None:
+            with journal.step("ensure_image"):
+                self.image_cache.ensure(instance.spec.image_id)
+        inst_dir = self.instance_dir(instance.uuid)
+        try:
+            os.mkdir(inst_dir, 0o755)
+        except FileExistsError:
+            raise exception.InstanceExists(
+                f"Instance directory {inst_dir} already exists on the destination; refusing "
+                f"to use or remove it") from None
+        lv = self.conf.libvirt
+        return {"instance_dir": inst_dir,
+                "libvirt_uri": lv.live_migration_uri or lv.connection_uri}
+
+    def finish_resize_destination(self, instance, journal, power_on: bool) -> None:
+        """The copied top layer onto this host's base, the disks grown to the
+        flavor, the domain defined from the record (started if it ran)."""
+        inst_dir = self.instance_dir(instance.uuid)
+        root = os.path.join(inst_dir, "disk")
+        flavor = instance.spec.flavor
+        if instance.spec.image_id is not None:
+            with journal.step("rebase_disk"):
+                info = qemu_img.info(root, "qcow2")
+                if info.backing_file:
+                    base = self.image_cache.ensure(instance.spec.image_id)
+                    qemu_img.rebase_unsafe(root, base)
+                qemu_img.check(root)
+            with journal.step("grow_disks"):
+                for path, _, size in disk._layout(inst_dir, flavor):
+                    if path == root:
+                        size = flavor.root_gb * disk.GiB
+                    if size and os.path.exists(path) and \
+                            qemu_img.info(path, "qcow2").virtual_size < size:
+                        qemu_img.resize(path, size)
+        if power_on:
+            self.hard_reboot(instance, journal)
+            return
+        disks = []
+        with journal.step("ensure_disks"):
+            if instance.spec.image_id is not None:
+                disks = disk.ensure_disks(inst_dir, flavor)
+        self._plug_vifs(instance, journal)
+        with journal.step("define_domain"):
+            self._define(instance, disks)
+
+    def cleanup_resize_destination(self, instance, journal) -> None:
+        """Remove everything this host made for an incoming resize. Idempotent."""
+        self.destroy(instance, journal)
+
+    # --- the source ----------------------------------------------------------------
+
+    def migrate_disks_aside(self, instance, journal) -> None:
+        """After the power-off: VIFs unplugged, the directory moved aside to
+        ``<uuid>_resize`` (the domain stays defined, shut off, until confirm)."""
+        if instance.spec.networks:
+            with journal.step("unplug_vifs"):
+                self.network.unplug(instance.spec)
+        with journal.step("move_instance_dir"):
+            inst_dir = self.instance_dir(instance.uuid)
+            aside = resize_dir(inst_dir)
+            if os.path.exists(aside):
+                raise exception.InstanceExists(f"{aside} already exists; refusing to "
+                                               f"overwrite it")
+            os.rename(inst_dir, aside)
+
+    def transfer_disks(self, instance, journal, dest: dict, progress: Progress) -> int:
+        """Upload the disk files from ``<uuid>_resize`` to the destination:
+        qcow2 files as they are (the root disk's top layer only)."""
+        aside = resize_dir(self.instance_dir(instance.uuid))
+        names = [n for n in ("disk", "disk.local", "disk.swap")
+                 if os.path.exists(os.path.join(aside, n))]
+        total = sum(os.path.getsize(os.path.join(aside, n)) for n in names) or 1
+        moved = 0
+        for name in names:
+            path = os.path.join(aside, name)
+            with journal.step("transfer_disk"):
+                journal.event("transfer", name)
+                done_before = moved
+                moved += upload_file(dest["libvirt_uri"], path, dest["instance_dir"],
+                                     progress=lambda d, t, b=done_before: progress(b + d, total))
+        return moved
+
+    def restore_from_aside(self, instance, journal) -> bool:
+        """Rollback/revert on the source: ``<uuid>_resize`` back in place, the
+        VIFs plugged again. True if the directory was moved back."""
+        inst_dir = self.instance_dir(instance.uuid)
+        aside = resize_dir(inst_dir)
+        moved = False
+        with journal.step("restore_instance_dir"):
+            if os.path.isdir(aside):
+                if os.path.exists(inst_dir):
+                    raise exception.InstanceExists(
+                        f"both {inst_dir} and {aside} exist; leaving both for an operator")
+                os.rename(aside, inst_dir)
+                moved = True
+        self._plug_vifs(instance, journal)
+        return moved
+
+    def remove_aside(self, instance, journal) -> None:
+        """Confirm on the source: the shut-off domain and ``<uuid>_resize`` go."""
+        with journal.step("undefine_domain"):
+            self._remove_domain(instance.uuid)
+        with journal.step("remove_resize_dir"):
+            aside = resize_dir(self.instance_dir(instance.uuid))
+            if os.path.isdir(aside):
+                shutil.rmtree(aside)

@@ -16,6 +16,7 @@ from compute_agent.journal import Journal
 from compute_agent.network.vif import NetworkDriver
 from compute_agent.virt import driver
 from compute_agent.virt.libvirt import config, disk, snapshot
+from compute_agent.virt.libvirt.cold_migration import ColdMigrationMixin
 from compute_agent.virt.libvirt.guest import POWER_STATES, Guest
 from compute_agent.virt.libvirt.host import Host
 from compute_agent.virt.libvirt.migration import LiveMigrationMixin
@@ -35,8 +36,8 @@ _EVENT_POWER = {
 }
 
 
-class LibvirtDriver(LiveMigrationMixin, driver.ComputeDriver):
-    # Live migration: virt/libvirt/migration.py.
+class LibvirtDriver(LiveMigrationMixin, ColdMigrationMixin, driver.ComputeDriver):
+    # Live migration: virt/libvirt/migration.py; resize: virt/libvirt/cold_migration.py.
     def __init__(self, conf, image_cache: ImageCache):
         self.conf = conf
         self.image_cache = image_cache

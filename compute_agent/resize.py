@@ -1,0 +1,449 @@
+"""Resize and cold migration between two agents, orchestrated by the source.
+
+Mixed into ``ComputeManager`` like live_migration.py; host-to-host calls use
+the same RPC API addressed to the other host::
+
+    resize(uuid, flavor, dest)        cast to the source (a cold migration
+                                      when the flavor is unchanged)
+    source: refuse a smaller root/ephemeral disk, volumes, dest = this host;
+            accept (active or stopped, no task) -> task resize_prep
+    1 prep_resize      dest (call): capacity, the instance new there, the
+                       image in its cache, an empty instance dir; its record
+                       (new flavor, task resize_migrating). A "no" is a
+                       refusal: nothing moved.
+    2 (resize_migrating) source: clean shutdown (forced after
+                       shutdown_timeout), VIFs unplugged, the directory moved
+                       to <uuid>_resize (the domain stays defined, shut off)
+    3 transfer_disks   source -> dest libvirtd: the qcow2 top layer, sparse,
+                       through a transient storage pool (cold_migration.py);
+                       progress in the record
+    4 finish_resize    dest (call, task resize_finish): rebased onto its base,
+                       disks grown, XML from the new flavor, VIFs, started if
+                       it ran; vm_state resized there; the source drops its
+                       record (the row in ``migrations`` stays)
+    A failure in 1-4 rolls back: the destination removes what it made
+    (cleanup_resize_at_destination), the source moves <uuid>_resize back and
+    starts the guest if it ran.
+
+    confirm_resize(uuid)   on the destination: the source removes its
+                           domain and <uuid>_resize (confirm_resize_at_source)
+    revert_resize(uuid)    on the destination: destroyed here, then the source
+                           takes the record back, moves <uuid>_resize back and
+                           starts the guest as it was (finish_revert_resize)
+
+The source's disks are never deleted before confirm. After a restart, an
+interrupted resize on the source rolls back the same way (or, if the
+destination already runs it, drops its record); one on the destination puts
+its record in error with the reason.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import oslo_messaging as messaging
+from oslo_log import log as logging
+
+from compute_agent import exception, metrics, objects, states
+from compute_agent.journal import Journal
+from compute_agent.store import now
+from compute_agent.virt import migrate_data as md
+
+LOG = logging.getLogger(__name__)
+_expected = messaging.expected_exceptions(exception.ComputeAgentError)
+
+ACTION = "resize"
+SOURCE, DEST = "source", "destination"
+OPERATIONS = (ACTION, "prep_resize", "finish_resize", "cleanup_resize_at_destination",
+              "confirm_resize", "revert_resize", "confirm_resize_at_source",
+              "finish_revert_resize")
+
+
+def _reason(exc: BaseException) -> str:
+    message = getattr(exc, "message", None)
+    if isinstance(message, str) and message:
+        return message
+    text = str(exc) or type(exc).__name__
+    return text.splitlines()[0] if text.strip() else type(exc).__name__
+
+
+def _shrinks(old: objects.Flavor, new: objects.Flavor) -> str | None:
+    if new.root_gb < old.root_gb or (old.root_gb and not new.root_gb):
+        return f"the root disk would shrink from {old.root_gb} GiB to {new.root_gb} GiB"
+    if new.ephemeral_gb < old.ephemeral_gb:
+        return (f"the ephemeral disk would shrink from {old.ephemeral_gb} GiB to "
+                f"{new.ephemeral_gb} GiB")
+    return None
+
+
+class ResizeMixin:
+    """ComputeManager's resize endpoints (uses what LiveMigrationMixin uses)."""
+
+    # --- the source: the cast ------------------------------------------------------
+
+    def resize(self, ctxt, uuid: str, flavor: dict, dest: str | None = None) -> None:
+        with self._context(ctxt, uuid):
+            try:
+                new = objects.Flavor.from_dict(flavor)
+                dest = self.host if dest is None else md.check_host(dest)
+                if dest == self.host:
+                    raise exception.InvalidArgument(
+                        name="dest", reason="is this host: a resize on the same host is not "
+                                            "supported yet; name another host")
+                inst = self.store.get_instance(objects.validate_uuid(uuid))
+                shrink = _shrinks(inst.spec.flavor, new)
+                if shrink:
+                    raise exception.InvalidArgument(
+                        name="flavor", reason=f"{shrink}: resize will not shrink a disk, "
+                                              f"since it is unsafe")
+                if inst.spec.block_devices:
+                    raise exception.InvalidArgument(
+                        name="uuid", reason="the instance has volumes: resizing instances "
+                                            "with volumes is not supported yet")
+                inst = self._accept(ctxt, inst.uuid, "resize")
+            except (exception.Invalid, exception.NotFound) as exc:
+                self._refuse(ctxt, uuid, ACTION, exc)
+                return
+            self._resize(ctxt, inst, new, dest)
+
+    def _resize(self, ctxt, inst: objects.Instance, new: objects.Flavor, dest: str) -> None:
+        op_id = self.store.start_operation(inst.uuid, ACTION, ctxt.request_id)
+        journal = Journal(self.store, op_id, ACTION)
+        kind = "cold migration" if new == inst.spec.flavor else "resize"
+        was_running = self._power_state(inst) == states.RUNNING
+        mig = self.store.start_migration(
+            inst.uuid, SOURCE, self.host, dest, True, ctxt.request_id, "preparing",
+            {"kind": kind, "old_flavor": dataclasses.asdict(inst.spec.flavor),
+             "new_flavor": dataclasses.asdict(new), "was_running": was_running,
+             "vm_state": inst.vm_state, "spec": inst.spec.to_dict()})
+        started = time.monotonic()
+        self._notify(ctxt, ACTION, "start", dict(inst.to_dict(), dest=dest))
+        LOG.info("%s to %s started", kind, dest)
+        new_spec = dataclasses.replace(inst.spec, flavor=new)
+        with self._instance_lock(inst.uuid):
+            try:
+                with journal.step("prep_resize"):
+                    target = self._peer_api.prep_resize(
+                        ctxt, dest, new_spec.to_dict(), self.host,
+                        {"launched_at": inst.launched_at, "created_at": inst.created_at},
+                        timeout=self.conf.long_rpc_timeout)
+                    target = {"instance_dir": md.check_path(target.get("instance_dir"),
+                                                            "instance_dir"),
+                              "libvirt_uri": target.get("libvirt_uri")}
+                    if not isinstance(target["libvirt_uri"], str) or \
+                            not md._URI_RE.fullmatch(target["libvirt_uri"]):
+                        raise exception.InvalidArgument(name="libvirt_uri",
+                                                        reason="not a libvirt URI")
+            except Exception as exc:
+                message = _reason(exc)
+                LOG.warning("Resize refused: %s", message)
+                self.store.update_instance(inst.uuid, task_state=None, progress=None)
+                self.store.finish_operation(op_id, "refused", message)
+                self.store.update_migration(mig.id, "refused", {"message": message})
+                metrics.observe_operation(ACTION, "refused", time.monotonic() - started)
+                self._notify(ctxt, ACTION, "error", dict(self._current(inst.uuid),
+                                                         message=message))
+                return
+            try:
+                self.store.update_instance(inst.uuid, task_state=states.RESIZE_MIGRATING)
+                self.store.update_migration(mig.id, "migrating")
+                with journal.step("power_off"):
+                    clean = self.driver.power_off(inst, journal, self.conf.shutdown_timeout)
+                    journal.event("power_off", "clean shutdown" if clean else
+                                  f"forced off after {self.conf.shutdown_timeout}s")
+                self.driver.migrate_disks_aside(inst, journal)
+                with journal.step("transfer_disks"):
+                    t0 = time.monotonic()
+                    moved = self.driver.transfer_disks(inst, journal, target,
+                                                       self._resize_progress(inst, mig.id))
+                    seconds = time.monotonic() - t0
+                    journal.event("transfer", f"{moved} bytes in {seconds:.1f}s")
+                self.store.update_instance(inst.uuid, task_state=states.RESIZE_FINISH)
+                with journal.step("finish_resize"):
+                    self._peer_api.finish_resize(ctxt, dest, inst.uuid, was_running,
+                                                 timeout=self.conf.long_rpc_timeout)
+            except Exception as exc:
+                self._resize_rollback(ctxt, inst, journal, op_id, mig.id, dest, was_running,
+                                      exc, started)
+                return
+            self.store.delete_instance(inst.uuid)
+            note = (f"{kind} to {dest}: {moved} bytes moved in {seconds:.1f}s; confirm or "
+                    f"revert on {dest}")
+            self.store.update_migration(mig.id, "finished", {"message": note,
+                                                             "seconds": round(seconds, 2),
+                                                             "bytes": moved})
+            self.store.finish_operation(op_id, "done", note)
+            metrics.observe_operation(ACTION, "done", time.monotonic() - started)
+            LOG.info("Resize finished: %s", note)
+            self._notify(ctxt, ACTION, "end", dict(inst.to_dict(), host=dest, task_state=None))
+
+    def _resize_progress(self, inst: objects.Instance, mig_id: int):
+        def record(done: int, total: int) -> None:
+            percent = min(100, done * 100 // max(total, 1))
+            self.store.update_instance(inst.uuid, progress=percent)
+            self.store.update_migration(mig_id, details={"progress": {
+                "bytes_done": done, "bytes_total": total, "percent": percent}})
+        return record
+
+    def _restore_source(self, inst: objects.Instance, journal: Journal,
+                        was_running: bool) -> None:
+        self.driver.restore_from_aside(inst, journal)
+        if was_running and self._power_state(inst) != states.RUNNING:
+            with journal.step("power_on"):
+                self.driver.power_on(inst, journal)
+
+    def _resize_rollback(self, ctxt, inst: objects.Instance, journal: Journal, op_id: int,
+                         mig_id: int, dest: str, was_running: bool, exc: Exception,
+                         started: float) -> None:
+        cause = _reason(exc)
+        failed_step = journal.current_step
+        LOG.warning("Resize to %s failed at step %s: %s; rolling back", dest, failed_step,
+                    cause)
+        dest_note = ""
+        try:
+            with journal.step("cleanup_at_destination"):
+                self._peer_api.cleanup_resize_at_destination(ctxt, dest, inst.uuid,
+                                                             timeout=120)
+        except Exception as rb_exc:
+            dest_note = f"; {dest} could not clean up: {_reason(rb_exc)}"
+        try:
+            self._restore_source(inst, journal, was_running)
+        except Exception as rb_exc:
+            message = (f"{cause}; and rolling back failed: {_reason(rb_exc)} (the disks are "
+                       f"in the instance directory or <uuid>_resize on {self.host}){dest_note}")
+            self.store.update_instance(
+                inst.uuid, vm_state=states.ERROR, task_state=None, progress=None,
+                power_state=self._power_state(inst),
+                fault=objects.Fault(ACTION, failed_step, message, now()))
+            self.store.finish_operation(op_id, "failed", message)
+            self.store.update_migration(mig_id, "error", {"message": message})
+            metrics.observe_operation(ACTION, "failed", time.monotonic() - started)
+            self._notify(ctxt, ACTION, "error", dict(self._current(inst.uuid), message=message))
+            return
+        message = f"{cause}; rolled back: the instance is on {self.host} as before{dest_note}"
+        power = self._power_state(inst)
+        self.store.update_instance(
+            inst.uuid, vm_state=states.ACTIVE if power == states.RUNNING else states.STOPPED,
+            task_state=None, progress=None, power_state=power,
+            fault=objects.Fault(ACTION, failed_step, message, now()))
+        self.store.finish_operation(op_id, "failed", message)
+        self.store.update_migration(mig_id, "failed", {"message": message})
+        metrics.observe_operation(ACTION, "failed", time.monotonic() - started)
+        self._notify(ctxt, ACTION, "error", dict(self._current(inst.uuid), message=message))
+
+    # --- calls on the destination --------------------------------------------------
+
+    @_expected
+    def prep_resize(self, ctxt, instance: dict, source: str, record: dict | None = None) -> dict:
+        uuid = instance.get("uuid") if isinstance(instance, dict) else None
+        with self._context(ctxt, uuid):
+            spec = objects.InstanceSpec.from_dict(instance)
+            md.check_host(source, "source")
+            if source == self.host:
+                raise exception.MigrationPreCheckError(uuid=spec.uuid, dest=self.host,
+                                                       reason="the source is this host")
+            stats = self.driver.host_stats()
+            live = [i for i in self.store.list_instances() if i.vm_state != states.DELETED]
+            free_mb = (stats.memory_mb - stats.memory_mb_reserved
+                       - sum(i.spec.flavor.memory_mb for i in live))
+            reason = None
+            if spec.flavor.memory_mb > free_mb:
+                reason = (f"not enough memory: the guest needs {spec.flavor.memory_mb} MiB, "
+                          f"{max(free_mb, 0)} MiB are free for guests here")
+            elif spec.flavor.vcpus > stats.vcpus:
+                reason = f"the guest has {spec.flavor.vcpus} vCPUs, this host {stats.vcpus} CPUs"
+            if reason:
+                self.store.start_operation(spec.uuid, "prep_resize", ctxt.request_id,
+                                           status="refused", message=reason)
+                raise exception.MigrationPreCheckError(uuid=spec.uuid, dest=self.host,
+                                                       reason=reason)
+            record = record if isinstance(record, dict) else {}
+            times = {k: record[k] for k in ("launched_at", "created_at")
+                     if isinstance(record.get(k), str) and len(record[k]) <= 64}
+            inst = objects.Instance(spec=spec, host=self.host, vm_state=states.BUILDING,
+                                    task_state=states.RESIZE_MIGRATING)
+            self.store.create_instance(inst)  # InstanceExists if it is known here
+            if times:
+                inst = self.store.update_instance(spec.uuid, **times)
+            mig = self.store.start_migration(spec.uuid, DEST, source, self.host, True,
+                                             ctxt.request_id, "preparing", {"kind": ACTION})
+            try:
+                target = self._run_call(ctxt, inst, "prep_resize",
+                                        self.driver.prep_resize_destination)
+            except Exception as exc:
+                self.store.delete_instance(spec.uuid)
+                self.store.update_migration(mig.id, "failed", {"message": _reason(exc)})
+                raise
+            self.store.update_migration(mig.id, "prepared")
+            return target
+
+    def _resize_incoming(self, uuid: str, task_states: tuple) -> objects.Instance:
+        inst = self.store.get_instance(objects.validate_uuid(uuid))
+        mig = self.store.get_migration(inst.uuid, DEST)
+        if inst.task_state not in task_states or mig is None:
+            raise exception.InvalidState(action="finish an incoming resize of", uuid=uuid,
+                                         vm_state=inst.vm_state, task_state=inst.task_state)
+        return inst
+
+    @_expected
+    def finish_resize(self, ctxt, uuid: str, power_on: bool) -> None:
+        with self._context(ctxt, uuid):
+            inst = self._resize_incoming(uuid, (states.RESIZE_MIGRATING,))
+            mig = self.store.get_migration(inst.uuid, DEST)
+            self.store.update_instance(inst.uuid, task_state=states.RESIZE_FINISH)
+            inst = self.store.get_instance(inst.uuid)
+
+            def body(inst, journal):
+                self.driver.finish_resize_destination(inst, journal, bool(power_on))
+                self.store.update_instance(inst.uuid, vm_state=states.RESIZED, task_state=None,
+                                           fault=None, progress=None, host=self.host,
+                                           power_state=self._power_state(inst))
+                journal.note = f"arrived from {mig.source}; confirm or revert"
+            self._run_call(ctxt, inst, "finish_resize", body)
+            self.store.update_migration(mig.id, "finished", {"was_running": bool(power_on)})
+
+    @_expected
+    def cleanup_resize_at_destination(self, ctxt, uuid: str) -> None:
+        """Remove everything prep/finish_resize made here. Idempotent."""
+        with self._context(ctxt, uuid):
+            try:
+                inst = self._resize_incoming(uuid, (states.RESIZE_MIGRATING,
+                                                    states.RESIZE_FINISH))
+            except exception.InstanceNotFound:
+                return
+            mig = self.store.get_migration(inst.uuid, DEST)
+
+            def body(inst, journal):
+                self.driver.cleanup_resize_destination(inst, journal)
+                self.store.delete_instance(inst.uuid)
+            self._run_call(ctxt, inst, "cleanup_resize_at_destination", body)
+            self.store.update_migration(mig.id, "rolled_back")
+
+    def confirm_resize(self, ctxt, uuid: str) -> None:
+        """On the destination (cast): the source deletes what it kept."""
+        def body(inst, journal):
+            mig = self.store.get_migration(inst.uuid, DEST)
+            if mig is None:
+                raise exception.NotFound(what=f"a resize of instance {inst.uuid} to this host")
+            with journal.step("confirm_resize_at_source"):
+                self._peer_api.confirm_resize_at_source(ctxt, mig.source, inst.uuid,
+                                                        timeout=self.conf.long_rpc_timeout)
+            self.store.update_migration(mig.id, "confirmed")
+            power = self._power_state(inst)
+            self._settle(inst, states.ACTIVE if power == states.RUNNING else states.STOPPED)
+            journal.note = f"confirmed: nothing of it is left on {mig.source}"
+        self._cast(ctxt, uuid, "confirm_resize", "confirm_resize", body)
+
+    def revert_resize(self, ctxt, uuid: str) -> None:
+        """On the destination (cast): destroyed here, restored on the source."""
+        def body(inst, journal):
+            mig = self.store.get_migration(inst.uuid, DEST)
+            if mig is None:
+                raise exception.NotFound(what=f"a resize of instance {inst.uuid} to this host")
+            was_running = bool(mig.details.get("was_running"))
+            with journal.step("destroy_here"):
+                self.driver.cleanup_resize_destination(inst, journal)
+            with journal.step("finish_revert_resize"):
+                self._peer_api.finish_revert_resize(
+                    ctxt, mig.source, inst.uuid,
+                    {"launched_at": inst.launched_at, "created_at": inst.created_at},
+                    timeout=self.conf.long_rpc_timeout)
+            self.store.delete_instance(inst.uuid)
+            self.store.update_migration(mig.id, "reverted")
+            journal.note = f"reverted to {mig.source} ({'running' if was_running else 'stopped'})"
+        self._cast(ctxt, uuid, "revert_resize", "revert_resize", body)
+
+    # --- calls on the source after the resize ----------------------------------------
+
+    def _finished_resize_from_here(self, uuid: str):
+        mig = self.store.get_migration(objects.validate_uuid(uuid), SOURCE)
+        if mig is None or mig.status != "finished":
+            raise exception.NotFound(what=f"a finished resize of instance {uuid} from this "
+                                          f"host")
+        return mig
+
+    @_expected
+    def confirm_resize_at_source(self, ctxt, uuid: str) -> None:
+        with self._context(ctxt, uuid):
+            mig = self._finished_resize_from_here(uuid)
+            old = objects.Flavor.from_dict(mig.details["old_flavor"])
+            probe = objects.Instance(
+                spec=dataclasses.replace(objects.InstanceSpec.from_dict(mig.details["spec"]),
+                                         flavor=old), host=self.host, vm_state=states.STOPPED)
+            op_id = self.store.start_operation(uuid, "confirm_resize_at_source",
+                                               ctxt.request_id)
+            journal = Journal(self.store, op_id, "confirm_resize_at_source")
+            with self._instance_lock(uuid):
+                try:
+                    self.driver.remove_aside(probe, journal)
+                except Exception as exc:
+                    self.store.finish_operation(op_id, "failed", _reason(exc))
+                    raise
+            self.store.finish_operation(op_id, "done", "removed <uuid>_resize")
+            self.store.update_migration(mig.id, "confirmed")
+
+    @_expected
+    def finish_revert_resize(self, ctxt, uuid: str, record: dict | None = None) -> None:
+        with self._context(ctxt, uuid):
+            mig = self._finished_resize_from_here(uuid)
+            spec = objects.InstanceSpec.from_dict(mig.details["spec"])
+            was_running = bool(mig.details.get("was_running"))
+            inst = objects.Instance(spec=spec, host=self.host,
+                                    vm_state=mig.details.get("vm_state", states.STOPPED),
+                                    task_state=states.RESIZE_REVERTING)
+            self.store.create_instance(inst)
+            record = record if isinstance(record, dict) else {}
+            times = {k: record[k] for k in ("launched_at", "created_at")
+                     if isinstance(record.get(k), str) and len(record[k]) <= 64}
+            if times:
+                inst = self.store.update_instance(uuid, **times)
+
+            def body(inst, journal):
+                self._restore_source(inst, journal, was_running)
+                power = self._power_state(inst)
+                self._settle(inst, states.ACTIVE if power == states.RUNNING
+                             else states.STOPPED, progress=None)
+            try:
+                self._run_call(ctxt, inst, "finish_revert_resize", body)
+            except Exception as exc:
+                self.store.update_instance(
+                    uuid, vm_state=states.ERROR, task_state=None,
+                    fault=objects.Fault("revert_resize", None, _reason(exc), now()))
+                raise
+            self.store.update_migration(mig.id, "reverted")
+
+    # --- after a restart -------------------------------------------------------------
+
+    def _reconcile_resize(self, ctxt, inst: objects.Instance, op_name: str,
+                          reason: str) -> None:
+        if op_name == ACTION and inst.task_state in (states.RESIZE_PREP,
+                                                     states.RESIZE_MIGRATING,
+                                                     states.RESIZE_FINISH):
+            mig = self.store.get_migration(inst.uuid, SOURCE)
+            if mig is not None:
+                try:
+                    there = self._peer_api.get_instance(ctxt, mig.dest, inst.uuid)
+                except Exception:
+                    there = None
+                if there and there.get("vm_state") == states.RESIZED:
+                    self.store.delete_instance(inst.uuid)
+                    self.store.update_migration(mig.id, "finished",
+                                                {"message": f"{reason}; finished on "
+                                                            f"{mig.dest}"})
+                    return
+                op_id = self.store.start_operation(inst.uuid, ACTION, ctxt.request_id)
+                journal = Journal(self.store, op_id, ACTION)
+                self._resize_rollback(ctxt, inst, journal, op_id, mig.id, mig.dest,
+                                      bool(mig.details.get("was_running")),
+                                      exception.ComputeAgentError(reason), time.monotonic())
+                return
+        if inst.task_state is None and inst.vm_state != states.BUILDING:
+            LOG.info("Reconciled: %s was interrupted, but the instance is %s here now",
+                     op_name, inst.vm_state)
+            return
+        # Keep every file (the source's <uuid>_resize, the destination's copy).
+        self.store.update_instance(
+            inst.uuid, vm_state=states.ERROR, task_state=None,
+            power_state=self._power_state(inst),
+            fault=objects.Fault(op_name, None, f"{reason}; nothing was removed", now()))
