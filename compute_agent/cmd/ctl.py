@@ -260,6 +260,70 @@ class Ctl:
         raise exception.ComputeAgentError(
             f"Gave up waiting for the live migration of {uuid} after {self.args.wait_timeout}s")
 
+    def resize(self) -> int:
+        """Resize (or, with the flavor unchanged, cold-migrate) from --host
+        (the source) to --dest; --wait follows it to its end."""
+        a = self.args
+        flavor = dict(self.api.get_instance(self.ctxt, self.host, a.uuid)["flavor"])
+        for key, value in (("name", a.flavor_name), ("vcpus", a.vcpus), ("memory_mb", a.memory),
+                           ("root_gb", a.root_gb), ("ephemeral_gb", a.ephemeral_gb),
+                           ("swap_mb", a.swap_mb)):
+            if value is not None:
+                flavor[key] = value
+        self.api.resize(self.ctxt, self.host, a.uuid, flavor, a.dest)
+        print(f"resize of {a.uuid} from {self.host} to {a.dest} sent "
+              f"(request {self.ctxt.request_id})", file=sys.stderr)
+        if not a.wait:
+            return 0
+        op = self._follow_op(a.uuid, "resize")
+        if op["status"] != "done":
+            print(f"ERROR: resize {op['status']}: {op['message']}", file=sys.stderr)
+            return 1
+        _emit(a, _summary(self.api.get_instance(self.ctxt, a.dest, a.uuid)))
+        print(f"resize: {op['message']}", file=sys.stderr)
+        return 0
+
+    def confirm_resize(self) -> int:
+        return self._resize_end("confirm_resize", self.api.confirm_resize)
+
+    def revert_resize(self) -> int:
+        return self._resize_end("revert_resize", self.api.revert_resize)
+
+    def _resize_end(self, action: str, send) -> int:
+        """On --host, the destination of the resize."""
+        send(self.ctxt, self.host, self.args.uuid)
+        print(f"{action} of {self.args.uuid} sent to {self.host}", file=sys.stderr)
+        if not self.args.wait:
+            return 0
+        op = self._follow_op(self.args.uuid, action)
+        print(f"{action} {op['status']}: {op['message'] or ''}", file=sys.stderr)
+        return 0 if op["status"] == "done" else 1
+
+    def _follow_op(self, uuid: str, action: str) -> dict:
+        """Wait for this request's operation on --host to end, showing its
+        step and the instance's progress (the record may leave the host)."""
+        deadline = time.monotonic() + self.args.wait_timeout
+        last = None
+        while time.monotonic() < deadline:
+            ops = self.api.get_operations(self.ctxt, self.host, uuid, limit=10)
+            mine = next((o for o in ops if o["request_id"] == self.ctxt.request_id), None)
+            if mine and mine["status"] == "refused":
+                raise exception.Invalid(f"{action} refused: {mine['message']}")
+            if mine and mine["status"] != "running":
+                return mine
+            line = (mine["steps"][-1]["name"] if mine and mine["steps"] else "accepted")
+            with contextlib.suppress(exception.ComputeAgentError):
+                inst = self.api.get_instance(self.ctxt, self.host, uuid)
+                if inst.get("progress") is not None:
+                    line += _bar(inst["progress"])
+            if line != last:
+                sys.stderr.write(f"{action} {uuid}: {line}\n")
+                sys.stderr.flush()
+            last = line
+            time.sleep(0.5)
+        raise exception.ComputeAgentError(
+            f"Gave up waiting for {action} of {uuid} after {self.args.wait_timeout}s")
+
     def migrate_abort(self) -> int:
         _emit(self.args, self.api.live_migration_abort(self.ctxt, self.host, self.args.uuid))
         return 0
@@ -440,6 +504,25 @@ def _parser() -> argparse.ArgumentParser:
     ma = sub.add_parser("migrate-abort", help="abort a running live migration (on --host, "
                                               "the source); the guest stays there")
     ma.add_argument("uuid")
+
+    rz = sub.add_parser("resize", help="resize (or cold-migrate, flavor unchanged) an "
+                                       "instance from --host to --dest")
+    rz.add_argument("uuid")
+    rz.add_argument("--dest", required=True, help="the destination host (its agent's name)")
+    rz.add_argument("--flavor-name")
+    rz.add_argument("--vcpus", type=int)
+    rz.add_argument("--memory", type=int, help="MiB")
+    rz.add_argument("--root-gb", type=int)
+    rz.add_argument("--ephemeral-gb", type=int)
+    rz.add_argument("--swap-mb", type=int)
+    rz.add_argument("--wait", action="store_true", help="follow it to its end")
+    for name, help_text in (("confirm-resize", "confirm a resize (on --host, the destination)"
+                                               ": the source's copy is deleted"),
+                            ("revert-resize", "revert a resize (on --host, the destination):"
+                                              " the instance goes back to the source")):
+        rc = sub.add_parser(name, help=help_text)
+        rc.add_argument("uuid")
+        rc.add_argument("--wait", action="store_true")
 
     ls = sub.add_parser("list", help="list instances")
     ls.add_argument("--all", action="store_true", help="include deleted instances")

@@ -105,9 +105,12 @@ def test_upload_never_overwrites(disk_dirs, second_host):
 
 # --- resize and cold migration between two agents ------------------------------------
 
+import json  # noqa: E402
+
 from tests.functional.agent_fixture import wait_for, wait_for_console  # noqa: E402
 from tests.functional.conftest import make_spec  # noqa: E402
 from tests.functional.test_live_migration import (  # noqa: E402
+    _ctl,
     _domain,
     _ready_count,
     _same_data,
@@ -200,9 +203,12 @@ def test_cold_migrate_confirm_resize_revert(api, two_agents, second_host, tmp_pa
     subprocess.run(["qemu-img", "convert", "-U", "-f", "qcow2", "-O", "qcow2",
                     os.path.join(a.instances_path, uuid, "disk"), reference], check=True)
 
-    # Cold migration A -> B (same flavor).
-    op = _resize(api, a, uuid, spec["flavor"], b)
-    assert op["status"] == "done", (op, a.log_tail(), b.log_tail())
+    # Cold migration A -> B (same flavor), with the operator's CLI.
+    out = _ctl(a, "-f", "json", "resize", uuid, "--dest", b.host, "--wait")
+    assert out.returncode == 0, (out.stderr, a.log_tail(), b.log_tail())
+    assert json.loads(out.stdout)["vm_state"] == "resized"
+    op = next(o for o in api.get_operations(ctxt, a.host, uuid) if o["name"] == "resize")
+    assert op["status"] == "done" and op["message"] in out.stderr, (op, out.stderr)
     steps = [s["name"] for s in op["steps"]]
     assert {"prep_resize", "power_off", "move_instance_dir", "transfer_disks",
             "finish_resize"} <= set(steps), steps
@@ -219,9 +225,9 @@ def test_cold_migrate_confirm_resize_revert(api, two_agents, second_host, tmp_pa
     assert os.path.isdir(os.path.join(a.instances_path, uuid + "_resize"))
 
     # Confirm: nothing is left on A.
-    api.confirm_resize(ctxt, b.host, uuid)
-    inst = wait_for(api, ctxt, b.host, uuid,
-                    lambda i: i["task_state"] is None and i["vm_state"] != "resized")
+    out = _ctl(b, "confirm-resize", uuid, "--wait")
+    assert out.returncode == 0, (out.stderr, b.log_tail())
+    inst = api.get_instance(ctxt, b.host, uuid)
     assert inst["vm_state"] == "active", inst
     assert not os.path.exists(os.path.join(a.instances_path, uuid + "_resize"))
     assert _domain(SYSTEM_URI, uuid) is None
