@@ -307,6 +307,7 @@ class Bench:
     def burst(self):
         glance, agent = self._glance()
         work = tempfile.mkdtemp(prefix="ca-bench-burst-", dir="/var/tmp")
+        os.chmod(work, 0o755)  # the floor's disks live here: QEMU must reach them
         try:
             with open(os.path.join(GUEST_DIR, "bootsector-guest.raw"), "rb") as src:
                 qcow2 = _random_qcow2(os.path.join(work, "burst"), 256, head=src.read(512))
