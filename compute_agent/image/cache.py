@@ -20,6 +20,7 @@ from oslo_concurrency import lockutils
 from oslo_log import log as logging
 
 from compute_agent import exception, qemu_img
+from compute_agent.diskspace import check_free_space
 from compute_agent.image import inspector
 from compute_agent.image.service import ImageService
 
@@ -29,15 +30,6 @@ MiB = 1024 * 1024
 
 def base_name(image_id: str) -> str:
     return hashlib.sha1(image_id.encode()).hexdigest()
-
-
-def check_free_space(path: str, needed_bytes: int, purpose: str, reserve_mb: int) -> None:
-    st = os.statvfs(path)
-    free = st.f_bavail * st.f_frsize
-    if free < needed_bytes + reserve_mb * MiB:
-        raise exception.InsufficientDiskSpace(
-            path=path, purpose=purpose, needed_mb=needed_bytes // MiB + reserve_mb,
-            free_mb=free // MiB)
 
 
 class ImageCache:

@@ -11,7 +11,8 @@ import libvirt
 from oslo_log import log as logging
 
 from compute_agent import exception, objects, states
-from compute_agent.image.cache import ImageCache, check_free_space
+from compute_agent.diskspace import check_free_space, free_bytes, total_bytes
+from compute_agent.image.cache import ImageCache
 from compute_agent.journal import Journal
 from compute_agent.network.vif import NetworkDriver
 from compute_agent.virt import driver
@@ -369,7 +370,6 @@ class LibvirtDriver(LiveMigrationMixin, ColdMigrationMixin, driver.ComputeDriver
     def host_stats(self) -> objects.HostStats:
         cpus, memory_mb = self.host.node_info()
         libvirt_version, qemu_version = self.host.versions()
-        st = os.statvfs(self.conf.instances_path)
         cache_bytes, cache_files = self.image_cache.usage()
         running = 0
         with contextlib.suppress(exception.HypervisorError):
@@ -380,12 +380,12 @@ class LibvirtDriver(LiveMigrationMixin, ColdMigrationMixin, driver.ComputeDriver
             memory_mb_reserved=self.conf.libvirt.machine_memory_reserved_mb,
             libvirt_version=libvirt_version, qemu_version=qemu_version,
             virt_type=self.conf.libvirt.virt_type,
-            instances_path_free_mb=st.f_bavail * st.f_frsize // MiB,
-            instances_path_total_mb=st.f_blocks * st.f_frsize // MiB,
+            instances_path_free_mb=free_bytes(self.conf.instances_path) // MiB,
+            instances_path_total_mb=total_bytes(self.conf.instances_path) // MiB,
             image_cache_bytes=cache_bytes, image_cache_files=cache_files,
             image_cache_hits=self.image_cache.hits, image_cache_misses=self.image_cache.misses,
             domains_running=running, save_files_bytes=_dir_bytes(self.conf.libvirt.save_path),
-            save_path_free_mb=_free_mb(self.conf.libvirt.save_path))
+            save_path_free_mb=free_bytes(self.conf.libvirt.save_path) // MiB)
 
 
 def _dir_bytes(path: str) -> int:
@@ -395,10 +395,3 @@ def _dir_bytes(path: str) -> int:
     except FileNotFoundError:
         return 0
 
-
-def _free_mb(path: str) -> int:
-    try:
-        st = os.statvfs(path)
-    except FileNotFoundError:
-        return 0
-    return st.f_bavail * st.f_frsize // MiB

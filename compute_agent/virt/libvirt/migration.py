@@ -44,6 +44,7 @@ from lxml import etree
 from oslo_log import log as logging
 
 from compute_agent import exception, objects, qemu_img
+from compute_agent.diskspace import free_bytes
 from compute_agent.journal import Journal
 from compute_agent.virt import migrate_data as md
 from compute_agent.virt.libvirt import config, disk
@@ -205,8 +206,7 @@ class LiveMigrationMixin:
         if not shared and os.path.exists(inst_dir):
             self._precheck_failed(instance, f"{inst_dir} already exists on this host")
         if not shared and source.block_migration:
-            st = os.statvfs(self.conf.instances_path)
-            free = st.f_bavail * st.f_frsize
+            free = free_bytes(self.conf.instances_path)
             needed = source.disk_bytes + self.conf.image.min_free_disk_mb * MiB
             if free < needed:
                 self._precheck_failed(

@@ -46,7 +46,7 @@ from dataclasses import dataclass
 from oslo_log import log as logging
 
 from compute_agent import exception, objects, qemu_img
-from compute_agent.image.cache import check_free_space
+from compute_agent.diskspace import check_free_space
 from compute_agent.journal import Journal
 from compute_agent.virt.driver import ProgressFn, UploadFn
 from compute_agent.virt.libvirt import config
