@@ -46,6 +46,7 @@ import uuid as uuidlib
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+import compute_agent  # noqa: E402,F401  (first: its warning filters)
 import libvirt  # noqa: E402
 import oslo_messaging as messaging  # noqa: E402
 from oslo_config import cfg  # noqa: E402
