@@ -47,6 +47,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 import compute_agent  # noqa: E402,F401  (first: its warning filters)
+
+# isort: split
 import libvirt  # noqa: E402
 import oslo_messaging as messaging  # noqa: E402
 from oslo_config import cfg  # noqa: E402
