@@ -190,14 +190,18 @@ class Bench:
         subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", base, "-F", "raw",
                         os.path.join(d, "disk"), "1G"], check=True)
         dom = self.conn.defineXML(xml)
-        dom.create()
-        t_running = time.monotonic() - t0
-        console = os.path.join(d, "console.log")
-        wait(lambda: os.path.exists(console) and b"GUEST-READY" in open(console, "rb").read())
-        t_ready = time.monotonic() - t0
-        dom.destroy()
-        dom.undefine()
-        subprocess.run(["rm", "-rf", d], check=True)
+        try:
+            dom.create()
+            t_running = time.monotonic() - t0
+            console = os.path.join(d, "console.log")
+            wait(lambda: os.path.exists(console)
+                 and b"GUEST-READY" in open(console, "rb").read())
+            t_ready = time.monotonic() - t0
+        finally:  # never leave the floor's domain behind, whatever failed
+            if dom.isActive():
+                dom.destroy()
+            dom.undefine()
+            subprocess.run(["rm", "-rf", d], check=True)
         return t_running, t_ready
 
     # --- rpc -------------------------------------------------------------------
