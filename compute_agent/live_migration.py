@@ -433,14 +433,7 @@ class LiveMigrationMixin:
             src = md.SourceCheckData.from_dict(source)
             if not isinstance(shared_storage, bool):
                 raise exception.InvalidArgument(name="shared_storage", reason="must be a boolean")
-            record = record if isinstance(record, dict) else {}
-            times = {k: record[k] for k in ("launched_at", "created_at")
-                     if isinstance(record.get(k), str) and len(record[k]) <= 64}
-            inst = objects.Instance(spec=spec, host=self.host, vm_state=states.ACTIVE,
-                                    task_state=states.MIGRATING)
-            self.store.create_instance(inst)  # InstanceExists if it is known here
-            if times:
-                inst = self.store.update_instance(spec.uuid, **times)
+            inst = self._adopt_incoming(spec, record, states.ACTIVE, states.MIGRATING)
             mig = self.store.start_migration(
                 spec.uuid, DEST, src.host_info.host, self.host, src.block_migration,
                 ctxt.request_id, "preparing", {"shared_storage": shared_storage})

@@ -310,6 +310,21 @@ class ComputeManager(LiveMigrationMixin, SnapshotMixin, VolumeOpsMixin, ResizeMi
                 return
             self._run(ctxt, inst, action, body)
 
+    def _adopt_incoming(self, spec: objects.InstanceSpec, record: object, vm_state: str,
+                        task_state: str) -> objects.Instance:
+        """The record of an instance arriving from another host (live migration,
+        resize), keeping its creation and launch times when they look sane.
+        InstanceExists if this host knows the uuid already."""
+        record = record if isinstance(record, dict) else {}
+        times = {k: record[k] for k in ("launched_at", "created_at")
+                 if isinstance(record.get(k), str) and len(record[k]) <= 64}
+        inst = objects.Instance(spec=spec, host=self.host, vm_state=vm_state,
+                                task_state=task_state)
+        self.store.create_instance(inst)
+        if times:
+            inst = self.store.update_instance(spec.uuid, **times)
+        return inst
+
     def _settle(self, inst: objects.Instance, vm_state: str, **extra) -> None:
         """End an operation successfully: new vm_state, no task, no fault."""
         self.store.update_instance(inst.uuid, vm_state=vm_state, task_state=None, fault=None,

@@ -258,14 +258,8 @@ class ResizeMixin:
                                            status="refused", message=reason)
                 raise exception.MigrationPreCheckError(uuid=spec.uuid, dest=self.host,
                                                        reason=reason)
-            record = record if isinstance(record, dict) else {}
-            times = {k: record[k] for k in ("launched_at", "created_at")
-                     if isinstance(record.get(k), str) and len(record[k]) <= 64}
-            inst = objects.Instance(spec=spec, host=self.host, vm_state=states.BUILDING,
-                                    task_state=states.RESIZE_MIGRATING)
-            self.store.create_instance(inst)  # InstanceExists if it is known here
-            if times:
-                inst = self.store.update_instance(spec.uuid, **times)
+            inst = self._adopt_incoming(spec, record, states.BUILDING,
+                                        states.RESIZE_MIGRATING)
             mig = self.store.start_migration(spec.uuid, DEST, source, self.host, True,
                                              ctxt.request_id, "preparing", {"kind": ACTION})
             try:

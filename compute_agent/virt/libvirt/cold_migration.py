@@ -168,13 +168,7 @@ class ColdMigrationMixin:
         if instance.spec.image_id is not None:
             with journal.step("ensure_image"):
                 self.image_cache.ensure(instance.spec.image_id)
-        inst_dir = self.instance_dir(instance.uuid)
-        try:
-            os.mkdir(inst_dir, 0o755)
-        except FileExistsError:
-            raise exception.InstanceExists(
-                f"Instance directory {inst_dir} already exists on the destination; refusing "
-                f"to use or remove it") from None
+        inst_dir = self.make_instance_dir(instance.uuid)
         lv = self.conf.libvirt
         return {"instance_dir": inst_dir,
                 "libvirt_uri": lv.live_migration_uri or lv.connection_uri}

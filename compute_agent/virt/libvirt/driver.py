@@ -78,6 +78,18 @@ class LibvirtDriver(LiveMigrationMixin, ColdMigrationMixin, driver.ComputeDriver
         # uuid is validated canonical, so this cannot escape instances_path.
         return os.path.join(self.conf.instances_path, uuid)
 
+    def make_instance_dir(self, uuid: str) -> str:
+        """Create the instance directory; an existing one is never reused or
+        removed: it may hold another instance's data."""
+        inst_dir = self.instance_dir(uuid)
+        try:
+            os.mkdir(inst_dir, 0o755)
+        except FileExistsError:
+            raise exception.InstanceExists(
+                f"Instance directory {inst_dir} already exists on {self.conf.host}; refusing "
+                f"to use or remove it") from None
+        return inst_dir
+
     @staticmethod
     def domain_name(uuid: str) -> str:
         return "instance-" + uuid
@@ -91,25 +103,13 @@ class LibvirtDriver(LiveMigrationMixin, ColdMigrationMixin, driver.ComputeDriver
             with journal.step("fetch_image"):
                 max_size = spec.flavor.root_gb * disk.GiB if spec.flavor.root_gb else None
                 base = self.image_cache.ensure(spec.image_id, max_size)
-        inst_dir = self.instance_dir(instance.uuid)
-        try:
-            os.mkdir(inst_dir, 0o755)
-        except FileExistsError:
-            # Not ours to reuse or remove: it may hold another instance's data.
-            raise exception.InstanceExists(
-                f"Instance directory {inst_dir} already exists; refusing to use or "
-                f"remove it") from None
+        inst_dir = self.make_instance_dir(instance.uuid)
         try:
             disks = []
             if base is not None:
                 with journal.step("create_disks"):
                     disks = disk.create_disks(inst_dir, base, spec.flavor, spec.image_id)
-            self._plug_vifs(instance, journal)
-            self.connect_volumes(instance, journal)
-            with journal.step("define_domain"):
-                guest = self._define(instance, disks)
-            with journal.step("start_domain"):
-                guest.start()
+            self._plug_define_start(instance, journal, disks)
         except BaseException:
             LOG.warning("Spawn failed at step %s; removing what it created",
                         journal.current_step)
@@ -209,6 +209,11 @@ class LibvirtDriver(LiveMigrationMixin, ColdMigrationMixin, driver.ComputeDriver
                                           instance.spec.flavor)
             else:
                 os.makedirs(self.instance_dir(instance.uuid), 0o755, exist_ok=True)
+        self._plug_define_start(instance, journal, disks)
+
+    def _plug_define_start(self, instance: objects.Instance, journal: Journal,
+                           disks: list[tuple[str, str]]) -> None:
+        """The common end of spawn and hard reboot: network, volumes, domain."""
         self._plug_vifs(instance, journal)
         self.connect_volumes(instance, journal)
         with journal.step("define_domain"):

@@ -239,12 +239,7 @@ class LiveMigrationMixin:
                         uuid=instance.uuid, dest=self.conf.host,
                         reason=f"{inst_dir} is not on the shared storage")
             else:
-                try:
-                    os.mkdir(inst_dir, 0o755)
-                except FileExistsError:
-                    raise exception.InstanceExists(
-                        f"Instance directory {inst_dir} already exists; refusing to use or "
-                        f"remove it") from None
+                self.make_instance_dir(instance.uuid)
                 with open(os.path.join(inst_dir, INCOMING_MARKER), "w"):
                     pass
         try:
