@@ -26,6 +26,16 @@ class ComputeAgentError(Exception):
         return self.message
 
 
+def message_of(exc: BaseException) -> str:
+    """An exception's message without a remote traceback (oslo.messaging appends
+    one to errors it could not rebuild): what a fault or a peer's reply shows."""
+    message = getattr(exc, "message", None)
+    if isinstance(message, str) and message:
+        return message
+    text = str(exc) or type(exc).__name__
+    return text.splitlines()[0] if text.strip() else type(exc).__name__
+
+
 # --- requests the agent refuses -------------------------------------------
 
 class Invalid(ComputeAgentError):

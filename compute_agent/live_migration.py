@@ -53,13 +53,7 @@ OPERATIONS = (ACTION, "pre_live_migration", "post_live_migration_at_destination"
 MiB = 1024 * 1024
 
 
-def _reason(exc: BaseException) -> str:
-    """An exception's message without a remote traceback."""
-    message = getattr(exc, "message", None)
-    if isinstance(message, str) and message:
-        return message
-    text = str(exc) or type(exc).__name__
-    return text.splitlines()[0] if text.strip() else type(exc).__name__
+_reason = exception.message_of
 
 
 def _mib(n: int) -> str:

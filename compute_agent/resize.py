@@ -60,12 +60,7 @@ OPERATIONS = (ACTION, "prep_resize", "finish_resize", "cleanup_resize_at_destina
               "finish_revert_resize")
 
 
-def _reason(exc: BaseException) -> str:
-    message = getattr(exc, "message", None)
-    if isinstance(message, str) and message:
-        return message
-    text = str(exc) or type(exc).__name__
-    return text.splitlines()[0] if text.strip() else type(exc).__name__
+_reason = exception.message_of
 
 
 def _shrinks(old: objects.Flavor, new: objects.Flavor) -> str | None:
