@@ -2,7 +2,8 @@
 
 Every call names the input format explicitly (never let qemu-img probe an
 untrusted file) and runs under resource limits (prlimit), so a hostile image
-header cannot make qemu-img eat the host's memory or CPU.
+header cannot make qemu-img eat the host's memory or CPU: reading metadata is
+capped in CPU time and address space, copying data in CPU time only.
 """
 
 from __future__ import annotations
@@ -27,17 +28,26 @@ class DiskInfo:
     backing_format: str | None
 
 
-def _limits(cpu_time: int) -> processutils.ProcessLimits:
+def _limits(cpu_time: int, copies_data: bool) -> processutils.ProcessLimits:
+    if copies_data:
+        # A copy runs qemu-img's I/O thread pool (up to 64 threads, each with
+        # its stack and its own malloc arena): its virtual size grows with
+        # the host's cores and how slow the disk is, so an address-space cap
+        # makes it fail at random in qemu_thread_create (seen in CI). Its
+        # input has already been read by the format inspector and by ``info``
+        # under the cap, so only CPU time is limited here.
+        return processutils.ProcessLimits(cpu_time=cpu_time)
     return processutils.ProcessLimits(
         cpu_time=cpu_time,
         address_space=CONF.image.qemu_img_address_space_mb * 1024 * 1024)
 
 
-def _run(*args: str, cpu_time: int | None = None, limited: bool = True) -> str:
+def _run(*args: str, cpu_time: int | None = None, limited: bool = True,
+         copies_data: bool = False) -> str:
     cpu = cpu_time or CONF.image.qemu_img_cpu_time
     try:
         out, _ = processutils.execute("qemu-img", *args,
-                                      prlimit=_limits(cpu) if limited else None)
+                                      prlimit=_limits(cpu, copies_data) if limited else None)
     except processutils.ProcessExecutionError as exc:
         raise exception.CommandFailed(cmd="qemu-img " + args[0], exit_code=exc.exit_code,
                                       stderr=(exc.stderr or "").strip()[-500:]) from exc
@@ -58,7 +68,7 @@ def info(path: str, fmt: str, force_share: bool = False) -> DiskInfo:
 def convert_to_raw(src: str, src_fmt: str, dest: str) -> None:
     # -W: out-of-order writes, faster on a local file.
     _run("convert", "-f", src_fmt, "-O", "raw", "-W", src, dest,
-         cpu_time=CONF.image.qemu_img_cpu_time * 20)
+         cpu_time=CONF.image.qemu_img_cpu_time * 20, copies_data=True)
 
 
 # Creating a disk reads no untrusted data (the backing file is a raw _base file
@@ -97,13 +107,14 @@ def map_extents(path: str, fmt: str) -> list[Extent]:
 def convert(src: str, src_fmt: str, dest: str, dest_fmt: str) -> None:
     """Copy ``src`` with its backing chain into a standalone image."""
     _run("convert", "-f", src_fmt, "-O", dest_fmt, src, dest,
-         cpu_time=CONF.image.qemu_img_cpu_time * 20)
+         cpu_time=CONF.image.qemu_img_cpu_time * 20, copies_data=True)
 
 
 def rebase_standalone(path: str) -> None:
     """Make a qcow2 overlay standalone, in place: the data it takes from its
     backing file is copied into it (safe rebase onto nothing)."""
-    _run("rebase", "-f", "qcow2", "-b", "", path, cpu_time=CONF.image.qemu_img_cpu_time * 20)
+    _run("rebase", "-f", "qcow2", "-b", "", path, cpu_time=CONF.image.qemu_img_cpu_time * 20,
+         copies_data=True)
 
 
 def rebase_unsafe(path: str, backing_file: str) -> None:

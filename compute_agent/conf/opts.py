@@ -144,7 +144,9 @@ image_opts = [
     cfg.IntOpt("qemu_img_cpu_time", default=30, min=1,
                help="CPU-seconds limit for each qemu-img run on image data."),
     cfg.IntOpt("qemu_img_address_space_mb", default=1024, min=64,
-               help="Address-space limit (MiB) for each qemu-img run on image data."),
+               help="Address-space limit (MiB) for each qemu-img run that reads image "
+                    "metadata (info, map, check). Runs that copy data (convert, rebase) "
+                    "are limited in CPU time only: their thread pool needs more."),
     cfg.IntOpt("cache_ageing_interval", default=2400, min=0,
                help="Seconds between image cache ageing passes (0 disables ageing)."),
     cfg.IntOpt("remove_unused_base_images_after", default=86400, min=0,
