@@ -24,12 +24,20 @@ import time
 import uuid as uuidlib
 
 import libvirt
+import libvirt_qemu
 import pytest
 
 from compute_agent.virt.libvirt.volume.base import secret_uuid
 from tests.functional.agent_fixture import wait_for, wait_for_console
 from tests.functional.conftest import domain_exists, make_spec
 from tests.functional.test_lifecycle import _op
+from tests.functional.test_live_migration import (  # noqa: F401 - lm_agents is a fixture
+    _ctl,
+    _migrate,
+    _progress_seen,
+    _wait_op,
+    lm_agents,
+)
 from tests.functional.volume_fixtures import (  # noqa: F401 - fixtures
     agent_secrets,
     ceph,
@@ -380,3 +388,104 @@ def test_local_file_volume_inside_the_allowed_dir_only(api, vol_agent, qemu_read
     api.detach_volume(ctxt, agent.host, uuid, "vol-file")
     assert _op(api, ctxt, agent.host, uuid)["status"] == "done"
     assert "sdb" not in _live_disks(uuid) and _attached(api, agent, uuid) == []
+
+
+def _qemu_io(uri: str, uuid: str, device: str, command: str) -> None:
+    """Run a qemu-io command on one of the guest's disks through QEMU's monitor:
+    I/O by that QEMU over its own connection to the volume."""
+    conn = libvirt.open(uri)
+    try:
+        out = libvirt_qemu.qemuMonitorCommand(
+            conn.lookupByUUIDString(uuid), f'qemu-io -d {device} "{command}"',
+            libvirt_qemu.VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP)
+    finally:
+        conn.close()
+    assert "error" not in out.lower() and "failed" not in out.lower(), out
+
+
+def _written_by_qemu(iscsi_backing: str, cluster, rbd_image: str, offset: int, pattern: int):
+    """Both volumes hold 64 KiB of ``pattern`` at ``offset``, read on the targets."""
+    with open(iscsi_backing, "rb") as f:
+        f.seek(offset)
+        assert f.read(65536) == bytes([pattern]) * 65536, "iSCSI backing store"
+    out = os.path.join(cluster.dir, "lm-export.img")
+    cluster.export(rbd_image, out)
+    try:
+        with open(out, "rb") as f:
+            f.seek(offset)
+            assert f.read(65536) == bytes([pattern]) * 65536, "rbd export"
+    finally:
+        os.unlink(out)
+
+
+@pytest.mark.tcg
+def test_live_migration_carries_iscsi_and_rbd_volumes_and_an_abort_leaves_them(
+        api, lm_agents, second_host, iscsi_target, ceph):  # noqa: F811
+    """A -> B as a block migration with an iSCSI (CHAP) and an RBD volume: the
+    volumes are not copied, B's QEMU reaches both with the same credentials, A
+    keeps no secret and no session. Then B -> A slowed to 1 MiB/s and aborted
+    by the operator: the guest keeps its volumes on B, A has nothing of it."""
+    a = lm_agents("lmv-a", virt_type="qemu")
+    b = lm_agents("lmv-b", on_b=True, virt_type="qemu",
+                  extra_conf="live_migration_bandwidth = 1\n")
+    iqn, backing = iscsi_target.add_lun("lm-chap", chap=CHAP)
+    ceph.create_image("lm-rbd", 32)
+    rbd_ci = ceph.connection_info("lm-rbd")
+    spec = make_spec(image="linux-guest", memory_mb=256)
+    spec["block_devices"] = [_bdm("vol-iscsi", "sdb", iscsi_target.connection_info(iqn, CHAP)),
+                             _bdm("vol-rbd", "sdc", rbd_ci)]
+    uuid = spec["uuid"]
+    ours = {secret_uuid(uuid, "vol-iscsi"), secret_uuid(uuid, "vol-rbd")}
+    try:
+        _spawn(api, a, spec)
+        assert set(agent_secrets([uuid])) == ours
+
+        op = _timed("block migration with 2 volumes", lambda: _migrate(api, a, uuid, b, True))
+        assert op["status"] == "done", (op, a.log_tail(), b.log_tail())
+        assert "disconnect_volumes" in [s["name"] for s in op["steps"]]
+        ctxt = api.new_context()
+        inst = api.get_instance(ctxt, b.host, uuid)
+        assert (inst["host"], inst["vm_state"], inst["power_state"]) == \
+            (b.host, "active", "running")
+        assert sorted(v["volume_id"] for v in inst["spec"]["block_devices"]) == \
+            ["vol-iscsi", "vol-rbd"]
+        assert second_host.domain(uuid) == (True, True) and not domain_exists(uuid)
+        # Only the root disk was copied: B's directory has no volume in it.
+        assert sorted(os.listdir(os.path.join(b.instances_path, uuid))) == \
+            ["console.log", "disk", "libvirt.xml"]
+        assert agent_secrets([uuid]) == {}
+        assert set(agent_secrets([uuid], second_host.uri)) == ours
+        assert len(iscsi_target.initiator_addresses(iqn)) == 1  # B's session only
+        # B's QEMU writes through its own connections to both back ends.
+        for dev in ("sdb", "sdc"):
+            _qemu_io(second_host.uri, uuid, f"ua-{dev}", "write -P 0x5a 1M 64k")
+        _written_by_qemu(backing, ceph, "lm-rbd", 1024 * 1024, 0x5A)
+        assert "GUEST-READY" not in api.get_console_output(ctxt, b.host, uuid, 5000)
+
+        # Back to A at 1 MiB/s, aborted by the operator: nothing moves.
+        mctxt = api.new_context()
+        api.live_migrate(mctxt, b.host, uuid, a.host, True)
+        wait_for(api, ctxt, b.host, uuid, lambda _: _progress_seen(api, ctxt, b.host, uuid),
+                 timeout=60, what="migration progress")
+        assert set(agent_secrets([uuid])) == ours  # A prepared them
+        out = _ctl(b, "migrate-abort", uuid)
+        assert out.returncode == 0, out.stderr
+        op = _wait_op(api, mctxt, b.host, uuid)
+        assert op["status"] == "failed" and "aborted: by the operator" in op["message"], op
+        assert second_host.domain(uuid) == (True, True) and not domain_exists(uuid)
+        assert agent_secrets([uuid]) == {}  # the rollback on A removed them
+        assert set(agent_secrets([uuid], second_host.uri)) == ours
+        assert not os.path.exists(os.path.join(a.instances_path, uuid))
+        for dev in ("sdb", "sdc"):
+            _qemu_io(second_host.uri, uuid, f"ua-{dev}", "write -P 0xa5 2M 64k")
+        _written_by_qemu(backing, ceph, "lm-rbd", 2 * 1024 * 1024, 0xA5)
+
+        ctxt = api.new_context()
+        api.delete(ctxt, b.host, uuid)
+        op = _op(api, ctxt, b.host, uuid)
+        assert op["status"] == "done", op
+        assert agent_secrets([uuid], second_host.uri) == {}
+        assert iscsi_target.initiator_addresses(iqn) == []
+    finally:
+        remove_agent_secrets([uuid])
+        remove_agent_secrets([uuid], second_host.uri)

@@ -338,9 +338,9 @@ def write_request(token: str) -> bytes:
     return b"CA-WRITE-REQUEST" + token.encode()
 
 
-def agent_secrets(uuids) -> dict[str, str]:
+def agent_secrets(uuids, uri: str = "qemu:///system") -> dict[str, str]:
     """libvirt secrets (uuid -> usage id) the agent made for these instances."""
-    conn = libvirt.open("qemu:///system")
+    conn = libvirt.open(uri)
     try:
         found = {}
         for s in conn.listAllSecrets():
@@ -352,11 +352,11 @@ def agent_secrets(uuids) -> dict[str, str]:
         conn.close()
 
 
-def remove_agent_secrets(uuids) -> None:
+def remove_agent_secrets(uuids, uri: str = "qemu:///system") -> None:
     """Test clean-up: secrets a failed test left (the agent removes them on delete)."""
-    conn = libvirt.open("qemu:///system")
+    conn = libvirt.open(uri)
     try:
-        for secret_uuid in agent_secrets(uuids):
+        for secret_uuid in agent_secrets(uuids, uri):
             conn.secretLookupByUUIDString(secret_uuid).undefine()
     finally:
         conn.close()

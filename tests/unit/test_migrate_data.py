@@ -8,10 +8,11 @@ import copy
 import pytest
 from lxml import etree
 
-from compute_agent import exception
+from compute_agent import exception, objects
 from compute_agent.virt import migrate_data as md
 from compute_agent.virt.libvirt import config
-from compute_agent.virt.libvirt.migration import downtime_steps, migration_xml
+from compute_agent.virt.libvirt.migration import downtime_steps, local_disks, migration_xml
+from tests.unit.conftest import MINIMAL_SPEC
 
 UUID = "3f1c3a0e-7d56-4a4b-9b0e-2d9a8f6c1e01"
 HOST_INFO = {"host": "h1", "hypervisor_id": "0b6f6d0e-8a3c-4f7e-9d61-6f2f3c0e9a11",
@@ -121,3 +122,18 @@ def test_migration_xml_leaves_other_paths_alone():
     assert "/srv/b/" + UUID in out
     same = migration_xml(_live_xml().replace("/srv/a/", "/srv/ab/"), "/srv/a", "/srv/b", "h2")
     assert "/srv/b/" not in same
+
+
+def test_a_block_migration_copies_the_root_disk_never_a_volume():
+    spec = dict(MINIMAL_SPEC, block_devices=[
+        {"volume_id": "v1", "device": "sdb", "boot_index": None,
+         "connection_info": {"driver_volume_type": "file",
+                             "data": {"device_path": "/srv/vols/v1.img"}}}])
+    inst = objects.Instance(spec=objects.InstanceSpec.from_dict(spec), host="h1",
+                            vm_state="active")
+    xml = (f"<domain><devices>"
+           f"<disk type='file'><source file='/srv/a/{inst.uuid}/disk'/><target dev='vda'/></disk>"
+           f"<disk type='file'><source file='/srv/vols/v1.img'/><target dev='sdb'/></disk>"
+           f"<disk type='network'><source protocol='rbd' name='p/i'/><target dev='sdc'/></disk>"
+           f"</devices></domain>")
+    assert [d.target_dev for d in local_disks(inst, xml)] == ["vda"]

@@ -98,6 +98,13 @@ def migration_xml(live_xml: str, src_path: str, dest_path: str, dest_host: str) 
     return etree.tostring(root, encoding="unicode")
 
 
+def local_disks(instance: objects.Instance, xml: str) -> list[config.GuestDisk]:
+    """The guest's file disks that are not volumes: what a block migration
+    copies (a volume is reached from both hosts and never copied)."""
+    volume_devs = {b.device for b in instance.spec.block_devices}
+    return [d for d in config.parse_disks(xml) if d.target_dev not in volume_devs]
+
+
 def _cpu_xml(live_xml: str) -> str | None:
     root = etree.fromstring(live_xml.encode())
     cpu = root.find("./cpu")
@@ -150,12 +157,6 @@ class LiveMigrationMixin:
     def check_can_live_migrate_source(self, instance: objects.Instance,
                                       block_migration: bool) -> md.SourceCheckData:
         uuid = instance.uuid
-        if instance.spec.block_devices:
-            # connect_volumes/disconnect_volumes exist; wiring them in (and
-            # leaving volumes out of a block migration's disks) is still to do.
-            raise exception.MigrationPreCheckError(
-                uuid=uuid, dest="another host",
-                reason="instances with volumes cannot be live-migrated yet")
         guest = self.host.lookup(uuid)
         if guest is None or not guest.is_running():
             raise exception.MigrationPreCheckError(
@@ -168,7 +169,7 @@ class LiveMigrationMixin:
         live_xml = guest.xml()
         inst_dir = self.instance_dir(uuid)
         disks = []
-        for d in config.parse_disks(live_xml):
+        for d in local_disks(instance, live_xml):
             name = os.path.basename(d.path)
             if os.path.dirname(d.path) != inst_dir or name not in md.DISK_NAMES:
                 raise exception.MigrationPreCheckError(
@@ -256,8 +257,9 @@ class LiveMigrationMixin:
                         else:
                             qemu_img.create_blank(path, d.virtual_size)
             self._plug_vifs(instance, journal)
-            with journal.step("connect_volumes"):
-                self._connect_volumes_for_migration(instance)
+            # The same secrets (their UUIDs derive from instance and volume)
+            # and logins as on the source, before the guest arrives.
+            self.connect_volumes(instance, journal)
         except BaseException:
             LOG.warning("pre_live_migration failed at step %s; removing what it made",
                         journal.current_step, instance_uuid=instance.uuid)
@@ -265,15 +267,11 @@ class LiveMigrationMixin:
             raise
         return md.DestPrepared(instance_dir=inst_dir)
 
-    def _connect_volumes_for_migration(self, instance: objects.Instance) -> None:
-        """Hook: connect the instance's volumes on this host (the driver's
-        connect_volumes, once migrations of instances with volumes are wired
-        in; check_can_live_migrate_source refuses them until then)."""
-        if instance.spec.block_devices:
-            raise exception.NotSupported(what="Live migration of instances with volumes")
-
     def _undo_destination(self, instance: objects.Instance, shared_storage: bool) -> None:
         """Remove what pre_live_migration made (never the source's files)."""
+        if instance.spec.block_devices:
+            # Only this host's secrets and logins; the volumes stay as they are.
+            self.volumes.disconnect_all(instance, quiet=True)
         if instance.spec.networks:
             try:
                 self.network.unplug(instance.spec)
@@ -336,6 +334,7 @@ class LiveMigrationMixin:
                         uuid=instance.uuid, dest="?",
                         reason="its guest still runs on the source; nothing removed")
                 guest.undefine()
+        self.disconnect_volumes(instance, journal)
         if instance.spec.networks:
             with journal.step("unplug_vifs"):
                 self.network.unplug(instance.spec)
@@ -397,7 +396,7 @@ class LiveMigrationMixin:
         data_bytes = instance.spec.flavor.memory_mb * MiB
         if block_migration:
             flags |= libvirt.VIR_MIGRATE_NON_SHARED_INC
-            disks = config.parse_disks(live_xml)
+            disks = local_disks(instance, live_xml)
             params[libvirt.VIR_MIGRATE_PARAM_MIGRATE_DISKS] = [d.target_dev for d in disks]
             for d in disks:
                 data_bytes += self.host.call(f"blockInfo({d.target_dev})",
