@@ -5,20 +5,22 @@ the same RPC API addressed to the other host::
 
     resize(uuid, flavor, dest)        cast to the source (a cold migration
                                       when the flavor is unchanged)
-    source: refuse a smaller root/ephemeral disk, volumes, dest = this host;
+    source: refuse a smaller root/ephemeral disk, dest = this host;
             accept (active or stopped, no task) -> task resize_prep
     1 prep_resize      dest (call): capacity, the instance new there, the
                        image in its cache, an empty instance dir; its record
                        (new flavor, task resize_migrating). A "no" is a
                        refusal: nothing moved.
     2 (resize_migrating) source: clean shutdown (forced after
-                       shutdown_timeout), VIFs unplugged, the directory moved
+                       shutdown_timeout), volumes disconnected, VIFs
+                       unplugged, the directory moved
                        to <uuid>_resize (the domain stays defined, shut off)
     3 transfer_disks   source -> dest libvirtd: the qcow2 top layer, sparse,
                        through a transient storage pool (cold_migration.py);
                        progress in the record
     4 finish_resize    dest (call, task resize_finish): rebased onto its base,
-                       disks grown, XML from the new flavor, VIFs, started if
+                       disks grown, XML from the new flavor, VIFs and
+                       volumes, started if
                        it ran; vm_state resized there; the source drops its
                        record (the row in ``migrations`` stays)
     A failure in 1-4 rolls back: the destination removes what it made
@@ -92,10 +94,6 @@ class ResizeMixin:
                     raise exception.InvalidArgument(
                         name="flavor", reason=f"{shrink}: resize will not shrink a disk, "
                                               f"since it is unsafe")
-                if inst.spec.block_devices:
-                    raise exception.InvalidArgument(
-                        name="uuid", reason="the instance has volumes: resizing instances "
-                                            "with volumes is not supported yet")
                 inst = self._accept(ctxt, inst.uuid, "resize")
             except (exception.Invalid, exception.NotFound) as exc:
                 self._refuse(ctxt, uuid, ACTION, exc)

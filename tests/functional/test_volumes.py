@@ -489,3 +489,70 @@ def test_live_migration_carries_iscsi_and_rbd_volumes_and_an_abort_leaves_them(
     finally:
         remove_agent_secrets([uuid])
         remove_agent_secrets([uuid], second_host.uri)
+
+
+def _wait_named_op(api, ctxt, host, uuid, name, timeout=240) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        mine = next((o for o in api.get_operations(ctxt, host, uuid, limit=20)
+                     if o["request_id"] == ctxt.request_id and o["name"] == name), None)
+        if mine is not None and mine["status"] != "running":
+            return mine
+        time.sleep(0.3)
+    raise AssertionError(f"{name} of {uuid} on {host} did not end in {timeout}s")
+
+
+@pytest.mark.kvm
+def test_resize_and_revert_carry_iscsi_and_rbd_volumes(
+        api, lm_agents, second_host, iscsi_target, ceph):  # noqa: F811
+    """Resize A -> B with an iSCSI (CHAP) and an RBD volume: disconnected on A
+    after the power-off, connected on B before the guest starts there; revert
+    connects them on A again and leaves nothing on B."""
+    conf = "[DEFAULT]\nshutdown_timeout = 3\n"
+    a = lm_agents("rsv-a", extra_conf=conf)
+    b = lm_agents("rsv-b", on_b=True, extra_conf=conf)
+    iqn, backing = iscsi_target.add_lun("rs-chap", chap=CHAP)
+    ceph.create_image("rs-rbd", 32)
+    spec = make_spec(image="bootsector", memory_mb=64)
+    spec["block_devices"] = [_bdm("vol-iscsi", "sdb", iscsi_target.connection_info(iqn, CHAP)),
+                             _bdm("vol-rbd", "sdc", ceph.connection_info("rs-rbd"))]
+    uuid = spec["uuid"]
+    ours = {secret_uuid(uuid, "vol-iscsi"), secret_uuid(uuid, "vol-rbd")}
+    try:
+        _spawn(api, a, spec)
+        bigger = dict(spec["flavor"], name="ft.bigger", memory_mb=96)
+        ctxt = api.new_context()
+        api.resize(ctxt, a.host, uuid, bigger, b.host)
+        op = _wait_named_op(api, ctxt, a.host, uuid, "resize")
+        assert op["status"] == "done", (op, a.log_tail(), b.log_tail())
+        steps = [s["name"] for s in op["steps"]]
+        assert steps.index("disconnect_volumes") < steps.index("transfer_disks"), steps
+        inst = api.get_instance(ctxt, b.host, uuid)
+        assert (inst["vm_state"], inst["power_state"]) == ("resized", "running"), inst
+        assert agent_secrets([uuid]) == {}
+        assert set(agent_secrets([uuid], second_host.uri)) == ours
+        for dev in ("sdb", "sdc"):
+            _qemu_io(second_host.uri, uuid, f"ua-{dev}", "write -P 0x3c 1M 64k")
+        _written_by_qemu(backing, ceph, "rs-rbd", 1024 * 1024, 0x3C)
+
+        ctxt = api.new_context()
+        api.revert_resize(ctxt, b.host, uuid)
+        op = _wait_named_op(api, ctxt, b.host, uuid, "revert_resize")
+        assert op["status"] == "done", (op, a.log_tail(), b.log_tail())
+        inst = wait_for(api, ctxt, a.host, uuid, _settled)
+        assert (inst["vm_state"], inst["power_state"]) == ("active", "running"), inst
+        assert agent_secrets([uuid], second_host.uri) == {}
+        assert set(agent_secrets([uuid])) == ours
+        assert second_host.domain(uuid) is None
+        for dev in ("sdb", "sdc"):
+            _qemu_io("qemu:///system", uuid, f"ua-{dev}", "write -P 0xc3 2M 64k")
+        _written_by_qemu(backing, ceph, "rs-rbd", 2 * 1024 * 1024, 0xC3)
+        assert len(iscsi_target.initiator_addresses(iqn)) == 1
+
+        ctxt = api.new_context()
+        api.delete(ctxt, a.host, uuid)
+        assert _op(api, ctxt, a.host, uuid)["status"] == "done"
+        assert agent_secrets([uuid]) == {} and iscsi_target.initiator_addresses(iqn) == []
+    finally:
+        remove_agent_secrets([uuid])
+        remove_agent_secrets([uuid], second_host.uri)

@@ -201,6 +201,7 @@ class ColdMigrationMixin:
             if instance.spec.image_id is not None:
                 disks = disk.ensure_disks(inst_dir, flavor)
         self._plug_vifs(instance, journal)
+        self.connect_volumes(instance, journal)
         with journal.step("define_domain"):
             self._define(instance, disks)
 
@@ -211,8 +212,10 @@ class ColdMigrationMixin:
     # --- the source ----------------------------------------------------------------
 
     def migrate_disks_aside(self, instance, journal) -> None:
-        """After the power-off: VIFs unplugged, the directory moved aside to
-        ``<uuid>_resize`` (the domain stays defined, shut off, until confirm)."""
+        """After the power-off: volumes disconnected, VIFs unplugged, the
+        directory moved aside to ``<uuid>_resize`` (the domain stays defined,
+        shut off, until confirm)."""
+        self.disconnect_volumes(instance, journal)
         if instance.spec.networks:
             with journal.step("unplug_vifs"):
                 self.network.unplug(instance.spec)
@@ -243,7 +246,8 @@ class ColdMigrationMixin:
 
     def restore_from_aside(self, instance, journal) -> bool:
         """Rollback/revert on the source: ``<uuid>_resize`` back in place, the
-        VIFs plugged again. True if the directory was moved back."""
+        VIFs plugged and the volumes connected again. True if the directory
+        was moved back."""
         inst_dir = self.instance_dir(instance.uuid)
         aside = resize_dir(inst_dir)
         moved = False
@@ -255,6 +259,7 @@ class ColdMigrationMixin:
                 os.rename(aside, inst_dir)
                 moved = True
         self._plug_vifs(instance, journal)
+        self.connect_volumes(instance, journal)
         return moved
 
     def remove_aside(self, instance, journal) -> None:
