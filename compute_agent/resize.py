@@ -41,7 +41,9 @@ its record in error with the reason.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import json
 import time
 
 import oslo_messaging as messaging
@@ -74,6 +76,21 @@ def _shrinks(old: objects.Flavor, new: objects.Flavor) -> str | None:
     return None
 
 
+@dataclasses.dataclass
+class _Run:
+    """One resize as its source runs it."""
+
+    inst: objects.Instance  # as it was before
+    new_spec: objects.InstanceSpec
+    dest: str
+    kind: str  # "resize" or "cold migration"
+    was_running: bool
+    op_id: int
+    journal: Journal
+    mig_id: int
+    started: float
+
+
 class ResizeMixin:
     """ComputeManager's resize endpoints (uses what LiveMigrationMixin uses)."""
 
@@ -84,10 +101,10 @@ class ResizeMixin:
             try:
                 new = objects.Flavor.from_dict(flavor)
                 dest = self.host if dest is None else md.check_host(dest)
-                if dest == self.host:
+                if dest == self.host and not self.conf.allow_resize_same_host:
                     raise exception.InvalidArgument(
-                        name="dest", reason="is this host: a resize on the same host is not "
-                                            "supported yet; name another host")
+                        name="dest", reason="is this host and allow_resize_same_host is off: "
+                                            "name another host")
                 inst = self.store.get_instance(objects.validate_uuid(uuid))
                 shrink = _shrinks(inst.spec.flavor, new)
                 if shrink:
@@ -98,11 +115,15 @@ class ResizeMixin:
             except (exception.Invalid, exception.NotFound) as exc:
                 self._refuse(ctxt, uuid, ACTION, exc)
                 return
-            self._resize(ctxt, inst, new, dest)
+            run = self._start_resize(ctxt, inst, new, dest)
+            if dest == self.host:
+                self._resize_same_host(ctxt, run)
+            else:
+                self._resize(ctxt, run)
 
-    def _resize(self, ctxt, inst: objects.Instance, new: objects.Flavor, dest: str) -> None:
+    def _start_resize(self, ctxt, inst: objects.Instance, new: objects.Flavor,
+                      dest: str) -> _Run:
         op_id = self.store.start_operation(inst.uuid, ACTION, ctxt.request_id)
-        journal = Journal(self.store, op_id, ACTION)
         kind = "cold migration" if new == inst.spec.flavor else "resize"
         was_running = self._power_state(inst) == states.RUNNING
         mig = self.store.start_migration(
@@ -110,15 +131,20 @@ class ResizeMixin:
             {"kind": kind, "old_flavor": dataclasses.asdict(inst.spec.flavor),
              "new_flavor": dataclasses.asdict(new), "was_running": was_running,
              "vm_state": inst.vm_state, "spec": inst.spec.to_dict()})
-        started = time.monotonic()
         self._notify(ctxt, ACTION, "start", dict(inst.to_dict(), dest=dest))
         LOG.info("%s to %s started", kind, dest)
-        new_spec = dataclasses.replace(inst.spec, flavor=new)
+        return _Run(inst=inst, new_spec=dataclasses.replace(inst.spec, flavor=new), dest=dest,
+                    kind=kind, was_running=was_running, op_id=op_id,
+                    journal=Journal(self.store, op_id, ACTION), mig_id=mig.id,
+                    started=time.monotonic())
+
+    def _resize(self, ctxt, run: _Run) -> None:
+        inst, journal, dest = run.inst, run.journal, run.dest
         with self._instance_lock(inst.uuid):
             try:
                 with journal.step("prep_resize"):
                     target = self._peer_api.prep_resize(
-                        ctxt, dest, new_spec.to_dict(), self.host,
+                        ctxt, dest, run.new_spec.to_dict(), self.host,
                         {"launched_at": inst.launched_at, "created_at": inst.created_at},
                         timeout=self.conf.long_rpc_timeout)
                     target = {"instance_dir": md.check_path(target.get("instance_dir"),
@@ -129,47 +155,88 @@ class ResizeMixin:
                         raise exception.InvalidArgument(name="libvirt_uri",
                                                         reason="not a libvirt URI")
             except Exception as exc:
-                message = _reason(exc)
-                LOG.warning("Resize refused: %s", message)
-                self.store.update_instance(inst.uuid, task_state=None, progress=None)
-                self.store.finish_operation(op_id, "refused", message)
-                self.store.update_migration(mig.id, "refused", {"message": message})
-                metrics.observe_operation(ACTION, "refused", time.monotonic() - started)
-                self._notify(ctxt, ACTION, "error", dict(self._current(inst.uuid),
-                                                         message=message))
+                self._resize_refused(ctxt, run, exc)
                 return
             try:
-                self.store.update_instance(inst.uuid, task_state=states.RESIZE_MIGRATING)
-                self.store.update_migration(mig.id, "migrating")
-                with journal.step("power_off"):
-                    clean = self.driver.power_off(inst, journal, self.conf.shutdown_timeout)
-                    journal.event("power_off", "clean shutdown" if clean else
-                                  f"forced off after {self.conf.shutdown_timeout}s")
+                self._resize_power_off(run)
                 self.driver.migrate_disks_aside(inst, journal)
                 with journal.step("transfer_disks"):
                     t0 = time.monotonic()
                     moved = self.driver.transfer_disks(inst, journal, target,
-                                                       self._resize_progress(inst, mig.id))
+                                                       self._resize_progress(inst, run.mig_id))
                     seconds = time.monotonic() - t0
                     journal.event("transfer", f"{moved} bytes in {seconds:.1f}s")
                 self.store.update_instance(inst.uuid, task_state=states.RESIZE_FINISH)
                 with journal.step("finish_resize"):
-                    self._peer_api.finish_resize(ctxt, dest, inst.uuid, was_running,
+                    self._peer_api.finish_resize(ctxt, dest, inst.uuid, run.was_running,
                                                  timeout=self.conf.long_rpc_timeout)
             except Exception as exc:
-                self._resize_rollback(ctxt, inst, journal, op_id, mig.id, dest, was_running,
-                                      exc, started)
+                self._resize_rollback(ctxt, run, exc)
                 return
             self.store.delete_instance(inst.uuid)
-            note = (f"{kind} to {dest}: {moved} bytes moved in {seconds:.1f}s; confirm or "
-                    f"revert on {dest}")
-            self.store.update_migration(mig.id, "finished", {"message": note,
-                                                             "seconds": round(seconds, 2),
-                                                             "bytes": moved})
-            self.store.finish_operation(op_id, "done", note)
-            metrics.observe_operation(ACTION, "done", time.monotonic() - started)
-            LOG.info("Resize finished: %s", note)
-            self._notify(ctxt, ACTION, "end", dict(inst.to_dict(), host=dest, task_state=None))
+            self._resize_finished(ctxt, run, f"{moved} bytes moved in {seconds:.1f}s",
+                                  {"seconds": round(seconds, 2), "bytes": moved})
+
+    def _resize_same_host(self, ctxt, run: _Run) -> None:
+        """allow_resize_same_host: nothing crosses hosts. The disks go aside to
+        <uuid>_resize as for another host and copies of them (their top
+        layers, reflinked where the file system can) become the instance's
+        disks, so the old ones wait for confirm or revert the same way."""
+        inst, journal = run.inst, run.journal
+        with self._instance_lock(inst.uuid):
+            try:
+                with journal.step("check_capacity"):
+                    reason = self._capacity_refusal(run.new_spec.flavor, leaving=inst.uuid)
+                    if reason:
+                        raise exception.MigrationPreCheckError(uuid=inst.uuid, dest=self.host,
+                                                               reason=reason)
+            except Exception as exc:
+                self._resize_refused(ctxt, run, exc)
+                return
+            try:
+                self._resize_power_off(run)
+                self.driver.migrate_disks_aside(inst, journal)
+                with journal.step("copy_disks"):
+                    t0 = time.monotonic()
+                    copied = self.driver.copy_disks_from_aside(inst, journal)
+                    seconds = time.monotonic() - t0
+                resized = self.store.update_instance(
+                    inst.uuid, task_state=states.RESIZE_FINISH,
+                    spec=json.dumps(run.new_spec.to_dict()))
+                with journal.step("finish_resize"):
+                    self.driver.finish_resize_destination(resized, journal, run.was_running)
+            except Exception as exc:
+                self._resize_rollback(ctxt, run, exc)
+                return
+            self._settle(resized, states.RESIZED, progress=None)
+            self._resize_finished(ctxt, run, f"{copied} bytes copied in {seconds:.1f}s",
+                                  {"seconds": round(seconds, 2), "bytes": copied})
+
+    def _resize_power_off(self, run: _Run) -> None:
+        self.store.update_instance(run.inst.uuid, task_state=states.RESIZE_MIGRATING)
+        self.store.update_migration(run.mig_id, "migrating")
+        with run.journal.step("power_off"):
+            clean = self.driver.power_off(run.inst, run.journal, self.conf.shutdown_timeout)
+            run.journal.event("power_off", "clean shutdown" if clean else
+                              f"forced off after {self.conf.shutdown_timeout}s")
+
+    def _resize_refused(self, ctxt, run: _Run, exc: Exception) -> None:
+        message = _reason(exc)
+        LOG.warning("Resize refused: %s", message)
+        self.store.update_instance(run.inst.uuid, task_state=None, progress=None)
+        self.store.finish_operation(run.op_id, "refused", message)
+        self.store.update_migration(run.mig_id, "refused", {"message": message})
+        metrics.observe_operation(ACTION, "refused", time.monotonic() - run.started)
+        self._notify(ctxt, ACTION, "error", dict(self._current(run.inst.uuid), message=message))
+
+    def _resize_finished(self, ctxt, run: _Run, how: str, figures: dict) -> None:
+        note = f"{run.kind} to {run.dest}: {how}; confirm or revert on {run.dest}"
+        self.store.update_migration(run.mig_id, "finished", dict(figures, message=note))
+        self.store.finish_operation(run.op_id, "done", note)
+        metrics.observe_operation(ACTION, "done", time.monotonic() - run.started)
+        LOG.info("Resize finished: %s", note)
+        self._notify(ctxt, ACTION, "end", dict(run.inst.to_dict(), host=run.dest,
+                                               task_state=None))
 
     def _resize_progress(self, inst: objects.Instance, mig_id: int):
         def record(done: int, total: int) -> None:
@@ -186,22 +253,35 @@ class ResizeMixin:
             with journal.step("power_on"):
                 self.driver.power_on(inst, journal)
 
-    def _resize_rollback(self, ctxt, inst: objects.Instance, journal: Journal, op_id: int,
-                         mig_id: int, dest: str, was_running: bool, exc: Exception,
-                         started: float) -> None:
+    def _undo_same_host_resize(self, inst: objects.Instance, journal: Journal,
+                               original: objects.InstanceSpec, was_running: bool) -> None:
+        """Rollback or revert of a resize on this host: the record and the
+        domain back to the old flavor, the old disks back from <uuid>_resize."""
+        resized = self.store.get_instance(inst.uuid)
+        self.store.update_instance(inst.uuid, spec=json.dumps(original.to_dict()))
+        self.driver.undo_resize_same_host(resized, dataclasses.replace(resized, spec=original),
+                                          journal, was_running)
+
+    def _resize_rollback(self, ctxt, run: _Run, exc: Exception) -> None:
+        inst, journal, dest = run.inst, run.journal, run.dest
         cause = _reason(exc)
         failed_step = journal.current_step
         LOG.warning("Resize to %s failed at step %s: %s; rolling back", dest, failed_step,
                     cause)
         dest_note = ""
+        if dest != self.host:
+            try:
+                with journal.step("cleanup_at_destination"):
+                    self._peer_api.cleanup_resize_at_destination(ctxt, dest, inst.uuid,
+                                                                 timeout=120)
+            except Exception as rb_exc:
+                dest_note = f"; {dest} could not clean up: {_reason(rb_exc)}"
+        op_id, mig_id, started = run.op_id, run.mig_id, run.started
         try:
-            with journal.step("cleanup_at_destination"):
-                self._peer_api.cleanup_resize_at_destination(ctxt, dest, inst.uuid,
-                                                             timeout=120)
-        except Exception as rb_exc:
-            dest_note = f"; {dest} could not clean up: {_reason(rb_exc)}"
-        try:
-            self._restore_source(inst, journal, was_running)
+            if dest == self.host:
+                self._undo_same_host_resize(inst, journal, run.inst.spec, run.was_running)
+            else:
+                self._restore_source(inst, journal, run.was_running)
         except Exception as rb_exc:
             message = (f"{cause}; and rolling back failed: {_reason(rb_exc)} (the disks are "
                        f"in the instance directory or <uuid>_resize on {self.host}){dest_note}")
@@ -236,16 +316,7 @@ class ResizeMixin:
             if source == self.host:
                 raise exception.MigrationPreCheckError(uuid=spec.uuid, dest=self.host,
                                                        reason="the source is this host")
-            stats = self.driver.host_stats()
-            live = [i for i in self.store.list_instances() if i.vm_state != states.DELETED]
-            free_mb = (stats.memory_mb - stats.memory_mb_reserved
-                       - sum(i.spec.flavor.memory_mb for i in live))
-            reason = None
-            if spec.flavor.memory_mb > free_mb:
-                reason = (f"not enough memory: the guest needs {spec.flavor.memory_mb} MiB, "
-                          f"{max(free_mb, 0)} MiB are free for guests here")
-            elif spec.flavor.vcpus > stats.vcpus:
-                reason = f"the guest has {spec.flavor.vcpus} vCPUs, this host {stats.vcpus} CPUs"
+            reason = self._capacity_refusal(spec.flavor)
             if reason:
                 self.store.start_operation(spec.uuid, "prep_resize", ctxt.request_id,
                                            status="refused", message=reason)
@@ -264,6 +335,21 @@ class ResizeMixin:
                 raise
             self.store.update_migration(mig.id, "prepared")
             return target
+
+    def _capacity_refusal(self, flavor: objects.Flavor, leaving: str | None = None) -> str | None:
+        """Why this host cannot take a guest of ``flavor`` (None if it can);
+        ``leaving``: an instance here whose memory the guest replaces."""
+        stats = self.driver.host_stats()
+        live = [i for i in self.store.list_instances()
+                if i.vm_state != states.DELETED and i.uuid != leaving]
+        free_mb = (stats.memory_mb - stats.memory_mb_reserved
+                   - sum(i.spec.flavor.memory_mb for i in live))
+        if flavor.memory_mb > free_mb:
+            return (f"not enough memory: the guest needs {flavor.memory_mb} MiB, "
+                    f"{max(free_mb, 0)} MiB are free for guests here")
+        if flavor.vcpus > stats.vcpus:
+            return f"the guest has {flavor.vcpus} vCPUs, this host {stats.vcpus} CPUs"
+        return None
 
     def _resize_incoming(self, uuid: str, task_states: tuple) -> objects.Instance:
         inst = self.store.get_instance(objects.validate_uuid(uuid))
@@ -307,15 +393,27 @@ class ResizeMixin:
             self._run_call(ctxt, inst, "cleanup_resize_at_destination", body)
             self.store.update_migration(mig.id, "rolled_back")
 
+    def _resize_to_settle(self, uuid: str):
+        """The finished resize that confirm or revert settles: (its row, whether
+        it stayed on this host)."""
+        here = self.store.get_migration(uuid, SOURCE)
+        if here is not None and here.dest == self.host and here.status == "finished":
+            return here, True
+        mig = self.store.get_migration(uuid, DEST)
+        if mig is None or mig.status != "finished":
+            raise exception.NotFound(what=f"a finished resize of instance {uuid} to this host")
+        return mig, False
+
     def confirm_resize(self, ctxt, uuid: str) -> None:
         """On the destination (cast): the source deletes what it kept."""
         def body(inst, journal):
-            mig = self.store.get_migration(inst.uuid, DEST)
-            if mig is None:
-                raise exception.NotFound(what=f"a resize of instance {inst.uuid} to this host")
-            with journal.step("confirm_resize_at_source"):
-                self._peer_api.confirm_resize_at_source(ctxt, mig.source, inst.uuid,
-                                                        timeout=self.conf.long_rpc_timeout)
+            mig, same_host = self._resize_to_settle(inst.uuid)
+            if same_host:
+                self.driver.remove_aside_dir(inst, journal)
+            else:
+                with journal.step("confirm_resize_at_source"):
+                    self._peer_api.confirm_resize_at_source(
+                        ctxt, mig.source, inst.uuid, timeout=self.conf.long_rpc_timeout)
             self.store.update_migration(mig.id, "confirmed")
             power = self._power_state(inst)
             self._settle(inst, states.ACTIVE if power == states.RUNNING else states.STOPPED)
@@ -325,10 +423,17 @@ class ResizeMixin:
     def revert_resize(self, ctxt, uuid: str) -> None:
         """On the destination (cast): destroyed here, restored on the source."""
         def body(inst, journal):
-            mig = self.store.get_migration(inst.uuid, DEST)
-            if mig is None:
-                raise exception.NotFound(what=f"a resize of instance {inst.uuid} to this host")
+            mig, same_host = self._resize_to_settle(inst.uuid)
             was_running = bool(mig.details.get("was_running"))
+            if same_host:
+                self._undo_same_host_resize(
+                    inst, journal, objects.InstanceSpec.from_dict(mig.details["spec"]),
+                    was_running)
+                self.store.update_migration(mig.id, "reverted")
+                power = self._power_state(inst)
+                self._settle(inst, states.ACTIVE if power == states.RUNNING else states.STOPPED)
+                journal.note = f"reverted on {self.host} to the old flavor"
+                return
             with journal.step("destroy_here"):
                 self.driver.cleanup_resize_destination(inst, journal)
             with journal.step("finish_revert_resize"):
@@ -409,10 +514,10 @@ class ResizeMixin:
                                                      states.RESIZE_FINISH):
             mig = self.store.get_migration(inst.uuid, SOURCE)
             if mig is not None:
-                try:
-                    there = self._peer_api.get_instance(ctxt, mig.dest, inst.uuid)
-                except Exception:
-                    there = None
+                there = None
+                with contextlib.suppress(Exception):
+                    if mig.dest != self.host:
+                        there = self._peer_api.get_instance(ctxt, mig.dest, inst.uuid)
                 if there and there.get("vm_state") == states.RESIZED:
                     self.store.delete_instance(inst.uuid)
                     self.store.update_migration(mig.id, "finished",
@@ -420,10 +525,14 @@ class ResizeMixin:
                                                             f"{mig.dest}"})
                     return
                 op_id = self.store.start_operation(inst.uuid, ACTION, ctxt.request_id)
-                journal = Journal(self.store, op_id, ACTION)
-                self._resize_rollback(ctxt, inst, journal, op_id, mig.id, mig.dest,
-                                      bool(mig.details.get("was_running")),
-                                      exception.ComputeAgentError(reason), time.monotonic())
+                original = dataclasses.replace(
+                    inst, spec=objects.InstanceSpec.from_dict(mig.details["spec"]))
+                run = _Run(inst=original, new_spec=inst.spec, dest=mig.dest,
+                           kind=mig.details.get("kind", ACTION),
+                           was_running=bool(mig.details.get("was_running")), op_id=op_id,
+                           journal=Journal(self.store, op_id, ACTION), mig_id=mig.id,
+                           started=time.monotonic())
+                self._resize_rollback(ctxt, run, exception.ComputeAgentError(reason))
                 return
         if inst.task_state is None and inst.vm_state != states.BUILDING:
             LOG.info("Reconciled: %s was interrupted, but the instance is %s here now",

@@ -29,6 +29,10 @@ default_opts = [
     cfg.IntOpt("shutdown_timeout", default=60, min=0,
                help="Default seconds power_off waits for the guest to power off after "
                     "the ACPI request before it forces it off (0: force at once)."),
+    cfg.BoolOpt("allow_resize_same_host", default=False,
+                help="Allow resize and cold migration to this same host (the "
+                     "destination named or none given). The old disks stay in "
+                     "<uuid>_resize until confirm or revert, as for another host."),
     cfg.IntOpt("health_check_interval", default=15, min=1,
                help="Seconds between health checks (libvirt answers; an RPC call to "
                     "this agent through RabbitMQ answers). Under systemd with a "

@@ -295,3 +295,76 @@ def test_source_killed_during_transfer_rolls_back(api, two_agents, second_host):
         api.get_instance(ctxt, b.host, uuid)
     assert not os.path.exists(os.path.join(b.instances_path, uuid))
     assert second_host.domain(uuid) is None
+
+
+def test_resize_on_the_same_host_revert_and_confirm(api, lm_agents, tmp_path):  # noqa: F811
+    """allow_resize_same_host: the disks go to <uuid>_resize, copies become the
+    instance's; revert brings the old flavor and disks back, confirm removes
+    them. Without the option a resize to this host is refused."""
+    conf = "[DEFAULT]\nshutdown_timeout = 3\n"
+    a = lm_agents("rs-same", extra_conf=conf + "allow_resize_same_host = true\n")
+    ctxt = api.new_context()
+    spec = _boot(api, a)
+    uuid = spec["uuid"]
+    inst_dir = os.path.join(a.instances_path, uuid)
+    _write_pattern(SYSTEM_URI, uuid)
+    reference = str(tmp_path / "reference.qcow2")
+    subprocess.run(["qemu-img", "convert", "-U", "-f", "qcow2", "-O", "qcow2",
+                    os.path.join(inst_dir, "disk"), reference], check=True)
+    bigger = dict(spec["flavor"], name="ft.bigger", vcpus=2, memory_mb=96, root_gb=2)
+
+    def resize_here():
+        c = api.new_context()
+        api.resize(c, a.host, uuid, bigger)  # no destination: this host
+        return _wait_op(api, c, a.host, uuid, "resize")
+
+    def settle(action):
+        c = api.new_context()
+        getattr(api, action)(c, a.host, uuid)
+        op = _wait_op(api, c, a.host, uuid, action)
+        assert op["status"] == "done", (op, a.log_tail())
+        return _wait_settled(api, a, uuid)
+
+    op = resize_here()
+    assert op["status"] == "done", (op, a.log_tail())
+    assert f"resize to {a.host}" in op["message"], op["message"]
+    steps = [s["name"] for s in op["steps"]]
+    assert "copy_disks" in steps and "prep_resize" not in steps, steps
+    inst = api.get_instance(ctxt, a.host, uuid)
+    assert (inst["vm_state"], inst["power_state"], inst["spec"]["flavor"]["vcpus"]) == \
+        ("resized", "running", 2), inst
+    xml = _xml(SYSTEM_URI, uuid)
+    assert ">2</vcpu>" in xml and "<memory unit='KiB'>98304</memory>" in xml
+    assert qemu_img.info(os.path.join(inst_dir, "disk"), "qcow2",
+                         force_share=True).virtual_size == 2 * GiB
+    _same_data(reference, os.path.join(inst_dir, "disk"))
+    assert qemu_img.info(os.path.join(inst_dir + "_resize", "disk"), "qcow2",
+                         force_share=True).virtual_size == GiB
+    wait_for_console(api, ctxt, a.host, uuid, "GUEST-READY")
+
+    # Revert: the old flavor, the old disk, running.
+    inst = settle("revert_resize")
+    assert (inst["vm_state"], inst["power_state"], inst["spec"]["flavor"]["vcpus"]) == \
+        ("active", "running", 1), inst
+    assert ">1</vcpu>" in _xml(SYSTEM_URI, uuid)
+    assert qemu_img.info(os.path.join(inst_dir, "disk"), "qcow2",
+                         force_share=True).virtual_size == GiB
+    _same_data(reference, os.path.join(inst_dir, "disk"))
+    assert not os.path.exists(inst_dir + "_resize")
+
+    # Again, then confirm: the new flavor stays, the old disks go.
+    op = resize_here()
+    assert op["status"] == "done", (op, a.log_tail())
+    inst = settle("confirm_resize")
+    assert (inst["vm_state"], inst["power_state"], inst["spec"]["flavor"]["vcpus"]) == \
+        ("active", "running", 2), inst
+    assert not os.path.exists(inst_dir + "_resize")
+    _same_data(reference, os.path.join(inst_dir, "disk"))
+
+    # Another agent without the option refuses a resize to itself.
+    b = lm_agents("rs-same-off", extra_conf=conf)
+    other = _boot(api, b)
+    c = api.new_context()
+    api.resize(c, b.host, other["uuid"], bigger)
+    op = _wait_op(api, c, b.host, other["uuid"], "resize")
+    assert op["status"] == "refused" and "allow_resize_same_host" in op["message"], op

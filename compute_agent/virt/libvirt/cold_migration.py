@@ -26,10 +26,12 @@ from collections.abc import Callable
 from xml.sax.saxutils import escape
 
 import libvirt
+from oslo_concurrency import processutils
 from oslo_log import log as logging
 
 from compute_agent import exception, qemu_img
 from compute_agent.virt.libvirt import disk
+from compute_agent.virt.migrate_data import DISK_NAMES
 
 LOG = logging.getLogger(__name__)
 
@@ -231,8 +233,7 @@ class ColdMigrationMixin:
         """Upload the disk files from ``<uuid>_resize`` to the destination:
         qcow2 files as they are (the root disk's top layer only)."""
         aside = resize_dir(self.instance_dir(instance.uuid))
-        names = [n for n in ("disk", "disk.local", "disk.swap")
-                 if os.path.exists(os.path.join(aside, n))]
+        names = [n for n in DISK_NAMES if os.path.exists(os.path.join(aside, n))]
         total = sum(os.path.getsize(os.path.join(aside, n)) for n in names) or 1
         moved = 0
         for name in names:
@@ -266,7 +267,42 @@ class ColdMigrationMixin:
         """Confirm on the source: the shut-off domain and ``<uuid>_resize`` go."""
         with journal.step("undefine_domain"):
             self._remove_domain(instance.uuid)
+        self.remove_aside_dir(instance, journal)
+
+    def remove_aside_dir(self, instance, journal) -> None:
         with journal.step("remove_resize_dir"):
             aside = resize_dir(self.instance_dir(instance.uuid))
             if os.path.isdir(aside):
                 shutil.rmtree(aside)
+
+    # --- a resize on this host (allow_resize_same_host) ---------------------------------
+
+    def copy_disks_from_aside(self, instance, journal) -> int:
+        """Copies of the disks in ``<uuid>_resize`` in a new instance directory
+        (sparse; reflinked where the file system can, so only their top
+        layers' metadata is written). Returns the bytes the copies hold."""
+        inst_dir = self.make_instance_dir(instance.uuid)
+        aside = resize_dir(inst_dir)
+        copied = 0
+        for name in DISK_NAMES:
+            src = os.path.join(aside, name)
+            if os.path.exists(src):
+                processutils.execute("cp", "--sparse=always", "--reflink=auto", src,
+                                     os.path.join(inst_dir, name))
+                copied += os.stat(src).st_blocks * 512
+                journal.event("copy", name)
+        return copied
+
+    def undo_resize_same_host(self, resized, original, journal, power_on: bool) -> None:
+        """Rollback or revert on this host: what the resize made goes (only
+        once the old disks are safe in ``<uuid>_resize``), they come back and
+        the domain is defined from ``original`` (started if ``power_on``)."""
+        if os.path.isdir(resize_dir(self.instance_dir(original.uuid))):
+            self.destroy(resized, journal)
+            self.restore_from_aside(original, journal)
+            self.finish_resize_destination(original, journal, power_on)
+            return
+        self.restore_from_aside(original, journal)  # nothing moved: as it was
+        guest = self.host.lookup(original.uuid)
+        if power_on and (guest is None or not guest.is_running()):
+            self.power_on(original, journal)
