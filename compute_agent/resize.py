@@ -149,7 +149,8 @@ class ResizeMixin:
                         timeout=self.conf.long_rpc_timeout)
                     target = {"instance_dir": md.check_path(target.get("instance_dir"),
                                                             "instance_dir"),
-                              "libvirt_uri": target.get("libvirt_uri")}
+                              "libvirt_uri": target.get("libvirt_uri"),
+                              "has_base": target.get("has_base", True) is not False}
                     if not isinstance(target["libvirt_uri"], str) or \
                             not md._URI_RE.fullmatch(target["libvirt_uri"]):
                         raise exception.InvalidArgument(name="libvirt_uri",

@@ -128,10 +128,13 @@ def _write_pattern(uri, uuid) -> None:
     conn = libvirt.open(uri)
     try:
         dom = conn.lookupByUUIDString(uuid)
-        out = libvirt_qemu.qemuMonitorCommand(
-            dom, 'qemu-io -d /machine/peripheral/virtio-disk0/virtio-backend '
-                 '"write -P 0x5a 1M 192k"', libvirt_qemu.VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP)
-        assert "error" not in out.lower(), out
+        # Flushed, so that a copy read beside the running QEMU (-U) sees the
+        # qcow2 metadata that maps the new clusters.
+        for command in ("write -P 0x5a 1M 192k", "flush"):
+            out = libvirt_qemu.qemuMonitorCommand(
+                dom, f'qemu-io -d /machine/peripheral/virtio-disk0/virtio-backend "{command}"',
+                libvirt_qemu.VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP)
+            assert "error" not in out.lower(), out
     finally:
         conn.close()
 

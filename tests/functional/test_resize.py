@@ -368,3 +368,50 @@ def test_resize_on_the_same_host_revert_and_confirm(api, lm_agents, tmp_path):  
     api.resize(c, b.host, other["uuid"], bigger)
     op = _wait_op(api, c, b.host, other["uuid"], "resize")
     assert op["status"] == "refused" and "allow_resize_same_host" in op["message"], op
+
+
+def test_to_a_host_that_cannot_have_the_image_the_root_disk_goes_flattened(
+        api, two_agents, image_dir, tmp_path):
+    """The image was deleted from the image service after the boot: B cannot
+    fetch the base, so A sends the root disk flattened; it runs on B with its
+    data and no backing file, and a hard reboot there needs no image."""
+    from tests.functional.conftest import GUEST_DIR, _register
+    a, b, made = two_agents
+    image_id = f"rs-gone-{uuidlib.uuid4().hex[:8]}"
+    _register(image_dir, image_id, os.path.join(GUEST_DIR, "bootsector-guest.raw"), "raw")
+    ctxt = api.new_context()
+    spec = make_spec(image=image_id, memory_mb=64, name="rs-flat")
+    api.spawn(ctxt, a.host, spec)
+    uuid = spec["uuid"]
+    made.append(uuid)
+    inst = wait_for(api, ctxt, a.host, uuid, _settled)
+    assert inst["vm_state"] == "active", (inst["fault"], a.log_tail())
+    _write_pattern(SYSTEM_URI, uuid)
+    reference = str(tmp_path / "reference.qcow2")
+    subprocess.run(["qemu-img", "convert", "-U", "-f", "qcow2", "-O", "qcow2",
+                    os.path.join(a.instances_path, uuid, "disk"), reference], check=True)
+    for path in (image_id, image_id + ".json"):
+        os.unlink(os.path.join(image_dir, path))
+
+    op = _resize(api, a, uuid, spec["flavor"], b)
+    assert op["status"] == "done", (op, a.log_tail(), b.log_tail())
+    steps = [s["name"] for s in op["steps"]]
+    assert "flatten_disk" in steps, steps
+    assert not [n for n in os.listdir(os.path.join(a.instances_path, uuid + "_resize"))
+                if n.endswith(".flat")]
+    prep = next(o for o in api.get_operations(ctxt, b.host, uuid) if o["name"] == "prep_resize")
+    assert "no_base" in [s["name"] for s in prep["steps"]], prep
+    b_disk = os.path.join(b.instances_path, uuid, "disk")
+    assert qemu_img.info(b_disk, "qcow2", force_share=True).backing_file is None
+    _same_data(reference, b_disk)
+    inst = api.get_instance(ctxt, b.host, uuid)
+    assert (inst["vm_state"], inst["power_state"]) == ("resized", "running"), inst
+    wait_for_console(api, ctxt, b.host, uuid, "GUEST-READY")
+
+    out = _ctl(b, "confirm-resize", uuid, "--wait")
+    assert out.returncode == 0, (out.stderr, b.log_tail())
+    ctxt = api.new_context()
+    api.reboot(ctxt, b.host, uuid, "HARD")
+    op = _wait_op(api, ctxt, b.host, uuid, "reboot")
+    assert op["status"] == "done", (op, b.log_tail())
+    _same_data(reference, b_disk)

@@ -13,6 +13,8 @@ directions (a namespaced libvirtd never needs to reach the other daemon).
 Only a qcow2 overlay's own bytes move (its top layer): the destination has
 (or fetches) the same ``_base`` image and rebases the copy onto its own base
 path with ``qemu_img.rebase_unsafe`` and checks it with ``qemu_img.check``.
+When it cannot have that image (deleted from the image service, or the
+service unreachable), the source flattens the root disk and sends that.
 The uploaded file is created 0600 by libvirt; the destination fixes that.
 """
 
@@ -30,6 +32,7 @@ from oslo_concurrency import processutils
 from oslo_log import log as logging
 
 from compute_agent import exception, qemu_img
+from compute_agent.diskspace import check_free_space
 from compute_agent.virt.libvirt import disk
 from compute_agent.virt.migrate_data import DISK_NAMES
 
@@ -153,6 +156,23 @@ def upload_file(dest_uri: str, local_path: str, dest_dir: str, name: str | None 
         conn.close()
 
 
+def _flatten(path: str, reserve_mb: int) -> str:
+    """A standalone copy of the qcow2 overlay ``path`` (its base's data in it),
+    next to it; removed again if the copy fails."""
+    backing = qemu_img.info(path, "qcow2").backing_file
+    needed = sum(os.stat(p).st_blocks * 512 for p in (path, backing))
+    check_free_space(os.path.dirname(path), needed, "flattening the root disk for a host "
+                                                    "without its base image", reserve_mb)
+    flat = path + ".flat"
+    try:
+        qemu_img.convert(path, "qcow2", flat, "qcow2")
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(flat)
+        raise
+    return flat
+
+
 def resize_dir(instance_dir: str) -> str:
     return instance_dir.rstrip("/") + "_resize"
 
@@ -166,14 +186,22 @@ class ColdMigrationMixin:
 
     def prep_resize_destination(self, instance, journal) -> dict:
         """The image in this host's cache, an empty instance directory; where
-        the source sends the disks."""
+        the source sends the disks, and whether it may send only the root
+        disk's top layer (``has_base``: this host has its base image)."""
+        has_base = True
         if instance.spec.image_id is not None:
             with journal.step("ensure_image"):
-                self.image_cache.ensure(instance.spec.image_id)
+                try:
+                    self.image_cache.ensure(instance.spec.image_id)
+                except (exception.ImageNotFound, exception.ImageFetchFailed) as exc:
+                    has_base = False
+                    journal.event("no_base", f"{exc}; the source sends the root disk "
+                                             f"flattened")
         inst_dir = self.make_instance_dir(instance.uuid)
         lv = self.conf.libvirt
         return {"instance_dir": inst_dir,
-                "libvirt_uri": lv.live_migration_uri or lv.connection_uri}
+                "libvirt_uri": lv.live_migration_uri or lv.connection_uri,
+                "has_base": has_base}
 
     def finish_resize_destination(self, instance, journal, power_on: bool) -> None:
         """The copied top layer onto this host's base, the disks grown to the
@@ -231,18 +259,30 @@ class ColdMigrationMixin:
 
     def transfer_disks(self, instance, journal, dest: dict, progress: Progress) -> int:
         """Upload the disk files from ``<uuid>_resize`` to the destination:
-        qcow2 files as they are (the root disk's top layer only)."""
+        qcow2 files as they are (the root disk's top layer only), unless the
+        destination has no base image for it: then the root disk flattened."""
         aside = resize_dir(self.instance_dir(instance.uuid))
-        names = [n for n in DISK_NAMES if os.path.exists(os.path.join(aside, n))]
-        total = sum(os.path.getsize(os.path.join(aside, n)) for n in names) or 1
-        moved = 0
-        for name in names:
-            path = os.path.join(aside, name)
-            with journal.step("transfer_disk"):
-                journal.event("transfer", name)
-                done_before = moved
-                moved += upload_file(dest["libvirt_uri"], path, dest["instance_dir"],
-                                     progress=lambda d, t, b=done_before: progress(b + d, total))
+        files = {n: os.path.join(aside, n) for n in DISK_NAMES
+                 if os.path.exists(os.path.join(aside, n))}
+        flat = None
+        if not dest.get("has_base", True) and "disk" in files and \
+                qemu_img.info(files["disk"], "qcow2").backing_file:
+            with journal.step("flatten_disk"):
+                flat = files["disk"] = _flatten(files["disk"], self.conf.image.min_free_disk_mb)
+        try:
+            total = sum(os.path.getsize(p) for p in files.values()) or 1
+            moved = 0
+            for name, path in files.items():
+                with journal.step("transfer_disk"):
+                    journal.event("transfer", name)
+                    done_before = moved
+                    moved += upload_file(
+                        dest["libvirt_uri"], path, dest["instance_dir"], name=name,
+                        progress=lambda d, t, b=done_before: progress(b + d, total))
+        finally:
+            if flat:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(flat)
         return moved
 
     def restore_from_aside(self, instance, journal) -> bool:

@@ -10,7 +10,7 @@ import shutil
 import libvirt
 from oslo_log import log as logging
 
-from compute_agent import exception, objects, states
+from compute_agent import exception, objects, qemu_img, states
 from compute_agent.diskspace import check_free_space, free_bytes, total_bytes
 from compute_agent.image.cache import ImageCache
 from compute_agent.journal import Journal
@@ -200,7 +200,7 @@ class LibvirtDriver(LiveMigrationMixin, ColdMigrationMixin, driver.ComputeDriver
             if guest is not None:
                 guest.destroy()
         with journal.step("ensure_image"):
-            if instance.spec.image_id:
+            if instance.spec.image_id and self._root_disk_is_backed(instance):
                 self.image_cache.ensure(instance.spec.image_id)
         with journal.step("ensure_disks"):
             disks = []
@@ -210,6 +210,13 @@ class LibvirtDriver(LiveMigrationMixin, ColdMigrationMixin, driver.ComputeDriver
             else:
                 os.makedirs(self.instance_dir(instance.uuid), 0o755, exist_ok=True)
         self._plug_define_start(instance, journal, disks)
+
+    def _root_disk_is_backed(self, instance: objects.Instance) -> bool:
+        """Whether the root disk needs its base image (a resize to a host
+        without that image flattens it)."""
+        root = os.path.join(self.instance_dir(instance.uuid), "disk")
+        return not os.path.exists(root) or qemu_img.info(
+            root, "qcow2", force_share=True).backing_file is not None
 
     def _plug_define_start(self, instance: objects.Instance, journal: Journal,
                            disks: list[tuple[str, str]]) -> None:

@@ -180,7 +180,8 @@ class LiveMigrationMixin:
             disks.append(md.MigrationDisk(
                 name=name, target_dev=d.target_dev, virtual_size=int(capacity),
                 actual_size=int(allocation),
-                backed_by_image=name == "disk" and instance.spec.image_id is not None))
+                backed_by_image=name == "disk" and instance.spec.image_id is not None
+                and qemu_img.info(d.path, "qcow2", force_share=True).backing_file is not None))
         probe = f".live-migration-probe-{uuidlib.uuid4().hex}"
         with open(os.path.join(self.conf.instances_path, probe), "x"):
             pass
@@ -246,7 +247,7 @@ class LiveMigrationMixin:
         try:
             base = None
             with journal.step("ensure_image"):
-                if instance.spec.image_id:
+                if any(d.backed_by_image for d in source.disks):
                     base = self.image_cache.ensure(instance.spec.image_id)
             if not shared_storage:
                 with journal.step("create_disks"):
