@@ -183,5 +183,13 @@ class LiveMigrationAborted(LiveMigrationFailed):
     msg_fmt = "Live migration of instance %(uuid)s to %(dest)s was aborted: %(reason)s"
 
 
+class ResizePreCheckError(MigrationPreCheckError):
+    msg_fmt = "Cannot resize instance %(uuid)s to %(dest)s: %(reason)s"
+
+
+class ResizeFailed(ComputeAgentError):
+    msg_fmt = "Resize of instance %(uuid)s to %(dest)s failed: %(reason)s"
+
+
 class NoLiveMigration(Invalid):
     msg_fmt = "Instance %(uuid)s has no live migration in progress on this host"

@@ -44,6 +44,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import threading
 import time
 
 import oslo_messaging as messaging
@@ -65,6 +66,9 @@ OPERATIONS = (ACTION, "prep_resize", "finish_resize", "cleanup_resize_at_destina
 
 
 _reason = exception.message_of
+# How often a source waiting on the destination's prep or finish asks it how
+# its side is going.
+DEST_WATCH_INTERVAL = 3.0
 
 
 def _shrinks(old: objects.Flavor, new: objects.Flavor) -> str | None:
@@ -143,10 +147,11 @@ class ResizeMixin:
         with self._instance_lock(inst.uuid):
             try:
                 with journal.step("prep_resize"):
-                    target = self._peer_api.prep_resize(
-                        ctxt, dest, run.new_spec.to_dict(), self.host,
-                        {"launched_at": inst.launched_at, "created_at": inst.created_at},
-                        timeout=self.conf.long_rpc_timeout)
+                    target = self._call_watching_dest(ctxt, run, lambda: (
+                        self._peer_api.prep_resize(
+                            ctxt, dest, run.new_spec.to_dict(), self.host,
+                            {"launched_at": inst.launched_at, "created_at": inst.created_at},
+                            timeout=self.conf.long_rpc_timeout)))
                     target = {"instance_dir": md.check_path(target.get("instance_dir"),
                                                             "instance_dir"),
                               "libvirt_uri": target.get("libvirt_uri"),
@@ -169,14 +174,46 @@ class ResizeMixin:
                     journal.event("transfer", f"{moved} bytes in {seconds:.1f}s")
                 self.store.update_instance(inst.uuid, task_state=states.RESIZE_FINISH)
                 with journal.step("finish_resize"):
-                    self._peer_api.finish_resize(ctxt, dest, inst.uuid, run.was_running,
-                                                 timeout=self.conf.long_rpc_timeout)
+                    self._call_watching_dest(ctxt, run, lambda: self._peer_api.finish_resize(
+                        ctxt, dest, inst.uuid, run.was_running,
+                        timeout=self.conf.long_rpc_timeout))
             except Exception as exc:
                 self._resize_rollback(ctxt, run, exc)
                 return
             self.store.delete_instance(inst.uuid)
             self._resize_finished(ctxt, run, f"{moved} bytes moved in {seconds:.1f}s",
                                   {"seconds": round(seconds, 2), "bytes": moved})
+
+    def _call_watching_dest(self, ctxt, run: _Run, call):
+        """A long call to the destination that is abandoned when the
+        destination reports this resize rolled back: it restarted during the
+        call, undid its side (see _reconcile_resize), and will never answer."""
+        outcome: dict = {}
+        done = threading.Event()
+
+        def worker() -> None:
+            try:
+                outcome["result"] = call()
+            except BaseException as exc:  # handed to the caller's thread
+                outcome["error"] = exc
+            finally:
+                done.set()
+        threading.Thread(target=worker, name=f"resize-call-{run.inst.uuid[:8]}",
+                         daemon=True).start()
+        while not done.wait(DEST_WATCH_INTERVAL):
+            try:
+                mig = self._peer_api.get_migration(ctxt, run.dest, run.inst.uuid)
+            except Exception:
+                continue  # not there yet, or the destination is down: keep waiting
+            if mig.get("request_id") == ctxt.request_id and mig.get("role") == DEST and \
+                    mig.get("status") in ("rolled_back", "failed"):
+                raise exception.ResizeFailed(
+                    uuid=run.inst.uuid, dest=run.dest,
+                    reason="the destination gave up its side: "
+                           f"{(mig.get('details') or {}).get('message', mig.get('status'))}")
+        if "error" in outcome:
+            raise outcome["error"]
+        return outcome.get("result")
 
     def _resize_same_host(self, ctxt, run: _Run) -> None:
         """allow_resize_same_host: nothing crosses hosts. The disks go aside to
@@ -189,7 +226,7 @@ class ResizeMixin:
                 with journal.step("check_capacity"):
                     reason = self._capacity_refusal(run.new_spec.flavor, leaving=inst.uuid)
                     if reason:
-                        raise exception.MigrationPreCheckError(uuid=inst.uuid, dest=self.host,
+                        raise exception.ResizePreCheckError(uuid=inst.uuid, dest=self.host,
                                                                reason=reason)
             except Exception as exc:
                 self._resize_refused(ctxt, run, exc)
@@ -315,13 +352,13 @@ class ResizeMixin:
             spec = objects.InstanceSpec.from_dict(instance)
             md.check_host(source, "source")
             if source == self.host:
-                raise exception.MigrationPreCheckError(uuid=spec.uuid, dest=self.host,
+                raise exception.ResizePreCheckError(uuid=spec.uuid, dest=self.host,
                                                        reason="the source is this host")
             reason = self._capacity_refusal(spec.flavor)
             if reason:
                 self.store.start_operation(spec.uuid, "prep_resize", ctxt.request_id,
                                            status="refused", message=reason)
-                raise exception.MigrationPreCheckError(uuid=spec.uuid, dest=self.host,
+                raise exception.ResizePreCheckError(uuid=spec.uuid, dest=self.host,
                                                        reason=reason)
             inst = self._adopt_incoming(spec, record, states.BUILDING,
                                         states.RESIZE_MIGRATING)
@@ -510,6 +547,21 @@ class ResizeMixin:
 
     def _reconcile_resize(self, ctxt, inst: objects.Instance, op_name: str,
                           reason: str) -> None:
+        incoming = self.store.get_migration(inst.uuid, DEST)
+        if op_name in ("prep_resize", "finish_resize", "cleanup_resize_at_destination") and \
+                incoming is not None and incoming.status in ("preparing", "prepared") and \
+                inst.task_state in (states.RESIZE_MIGRATING, states.RESIZE_FINISH):
+            # The source's call will never be answered: undo this side (never
+            # the source's disks) and say so; the source, watching, rolls back.
+            def undo(inst, journal):
+                self.driver.cleanup_resize_destination(inst, journal)
+                self.store.delete_instance(inst.uuid)
+            self._run(ctxt, inst, "cleanup_resize_at_destination", undo, resumed=True)
+            undone = not any(i.uuid == inst.uuid for i in self.store.list_instances())
+            self.store.update_migration(incoming.id, "rolled_back" if undone else "failed", {
+                "message": f"{reason}; " + ("this host's side undone" if undone else
+                                            "undoing this host's side failed")})
+            return
         if op_name == ACTION and inst.task_state in (states.RESIZE_PREP,
                                                      states.RESIZE_MIGRATING,
                                                      states.RESIZE_FINISH):

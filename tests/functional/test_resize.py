@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 import uuid as uuidlib
 
 import libvirt
@@ -415,3 +416,53 @@ def test_to_a_host_that_cannot_have_the_image_the_root_disk_goes_flattened(
     op = _wait_op(api, ctxt, b.host, uuid, "reboot")
     assert op["status"] == "done", (op, b.log_tail())
     _same_data(reference, b_disk)
+
+
+@pytest.mark.parametrize("op_name, step, source_ends", [
+    ("prep_resize", "ensure_image", "refused"),
+    ("finish_resize", "rebase_disk", "failed"),
+], ids=["during-prep", "during-finish"])
+def test_destination_killed_mid_call_undoes_its_side_and_the_source_rolls_back(
+        api, two_agents, second_host, op_name, step, source_ends):
+    """B dies inside the call A is waiting on. Restarted, B undoes its side;
+    A sees that (it asks B every few seconds while it waits) instead of
+    waiting out the call's timeout, and the guest runs on A as before."""
+    import time
+    a, b, made = two_agents
+    spec = _boot(api, a)
+    uuid = spec["uuid"]
+    made.append(uuid)
+    b.kill()
+    b.start(api, api.new_context(), env={"COMPUTE_AGENT_PAUSE_BEFORE_STEP":
+                                         f"{op_name}:{step}:60"})
+    ctxt = api.new_context()
+    api.resize(ctxt, a.host, uuid, spec["flavor"], b.host)
+
+    def b_paused() -> bool:
+        try:
+            return any(o["name"] == op_name and o["status"] == "running"
+                       for o in api.get_operations(ctxt, b.host, uuid, limit=10))
+        except exception.InstanceNotFound:
+            return False
+    deadline = time.monotonic() + 120
+    while not b_paused():
+        assert time.monotonic() < deadline, (a.log_tail(), b.log_tail())
+        time.sleep(0.3)
+    time.sleep(1)
+    b.kill(9)
+    b.start(api, api.new_context())
+    started = time.monotonic()
+    op = _wait_op(api, ctxt, a.host, uuid, "resize", timeout=120)
+    print(f"\nsource gave up {time.monotonic() - started:.1f}s after B restarted",
+          file=sys.stderr)
+    assert op["status"] == source_ends, (op, a.log_tail(), b.log_tail())
+    assert "the destination gave up its side" in op["message"], op["message"]
+    inst = _wait_settled(api, a, uuid)
+    assert (inst["vm_state"], inst["power_state"]) == ("active", "running"), inst
+    assert os.path.exists(os.path.join(a.instances_path, uuid, "disk"))
+    assert not os.path.exists(os.path.join(a.instances_path, uuid + "_resize"))
+    with pytest.raises(exception.InstanceNotFound):
+        api.get_instance(ctxt, b.host, uuid)
+    assert not os.path.exists(os.path.join(b.instances_path, uuid))
+    assert second_host.domain(uuid) is None
+    assert api.get_migration(ctxt, b.host, uuid)["status"] == "rolled_back"
