@@ -33,10 +33,15 @@ the same RPC API addressed to the other host::
                            takes the record back, moves <uuid>_resize back and
                            starts the guest as it was (finish_revert_resize)
 
+    On this host (allow_resize_same_host): no RPC, no transfer; the disks go
+    aside the same way and copies of them become the instance's.
+
 The source's disks are never deleted before confirm. After a restart, an
 interrupted resize on the source rolls back the same way (or, if the
-destination already runs it, drops its record); one on the destination puts
-its record in error with the reason.
+destination already runs it, drops its record). A destination restarted
+inside prep_resize or finish_resize undoes its side and marks its migration
+row rolled_back; the source, which watches that row while it waits on the
+call, rolls back at once instead of waiting out the call's timeout.
 """
 
 from __future__ import annotations
