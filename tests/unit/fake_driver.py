@@ -17,6 +17,7 @@ from compute_agent.image.service import ImageService
 from compute_agent.journal import Journal
 from compute_agent.virt.driver import ComputeDriver, PowerStateHandler
 from tests.unit.fake_migration import FakeLiveMigrationMixin
+from tests.unit.fake_resize import FakeResizeMixin
 
 SPAWN_STEPS = ("fetch_image", "create_disks", "define_domain", "start_domain")
 DESTROY_STEPS = ("destroy_domain", "remove_files")
@@ -84,7 +85,7 @@ class FakeImageService(ImageService):
         self.images.pop(image_id, None)
 
 
-class FakeDriver(FakeLiveMigrationMixin, ComputeDriver):  # live migration: fake_migration
+class FakeDriver(FakeResizeMixin, FakeLiveMigrationMixin, ComputeDriver):  # see fake_*.py
     def __init__(self, images: ImageService | None = None, host: str = "h1"):
         self.images = images
         self.hostname = host
