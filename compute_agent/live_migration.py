@@ -352,7 +352,11 @@ class LiveMigrationMixin:
             mig = self.store.get_migration(objects.validate_uuid(uuid))
             if mig is None:
                 raise exception.NotFound(what=f"a live migration of instance {uuid}")
-            return mig.to_dict()
+            answer = mig.to_dict()
+            if isinstance(answer["details"].get("spec"), dict):  # a resize keeps the spec
+                answer["details"] = dict(answer["details"], spec=objects.hide_volume_credentials(
+                    answer["details"]["spec"]))
+            return answer
 
     # --- calls on the destination ------------------------------------------------
 

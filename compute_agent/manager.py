@@ -293,14 +293,19 @@ class ComputeManager(LiveMigrationMixin, SnapshotMixin, VolumeOpsMixin, ResizeMi
                                    power_state=self._power_state(inst), launched_at=now())
 
     def delete(self, ctxt, uuid: str) -> None:
-        self._cast(ctxt, uuid, "delete", "delete", self._do_delete)
+        def body(inst, journal):
+            if inst.vm_state == states.RESIZED:
+                self._confirm_before_delete(ctxt, inst, journal)  # resize.py
+            self._do_delete(inst, journal)
+        self._cast(ctxt, uuid, "delete", "delete", body)
 
     def _do_delete(self, inst: objects.Instance, journal: Journal) -> None:
         self.driver.destroy(inst, journal)
         self.store.update_instance(inst.uuid, vm_state=states.DELETED, task_state=None,
                                    power_state=states.NOSTATE)
 
-    def _cast(self, ctxt, uuid: str, check: str, action: str, body) -> None:
+    def _cast(self, ctxt, uuid: str, check: str, action: str, body,
+              keep_vm_state: bool = False) -> None:
         """Accept (or refuse, journalled) then run a cast operation."""
         with self._context(ctxt, uuid):
             try:
@@ -308,7 +313,7 @@ class ComputeManager(LiveMigrationMixin, SnapshotMixin, VolumeOpsMixin, ResizeMi
             except (exception.Invalid, exception.NotFound) as exc:
                 self._refuse(ctxt, uuid, action, exc)
                 return
-            self._run(ctxt, inst, action, body)
+            self._run(ctxt, inst, action, body, keep_vm_state=keep_vm_state)
 
     def _adopt_incoming(self, spec: objects.InstanceSpec, record: object, vm_state: str,
                         task_state: str) -> objects.Instance:

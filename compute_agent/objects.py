@@ -8,6 +8,7 @@ untrusted reaches a path, a command line or XML unchecked.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import ipaddress
 import re
@@ -407,9 +408,7 @@ class Instance:
     def to_dict(self) -> dict:
         """What get_instance returns over RPC. Volume connection data is left
         out: it may carry credentials."""
-        spec = self.spec.to_dict()
-        for bdm in spec["block_devices"]:
-            bdm["connection_info"]["data"] = "<hidden>"
+        spec = hide_volume_credentials(self.spec.to_dict())
         return {
             "uuid": self.uuid, "name": self.name, "host": self.host,
             "vm_state": self.vm_state, "task_state": self.task_state,
@@ -471,3 +470,13 @@ class HostStats:
     domains_running: int
     save_files_bytes: int
     save_path_free_mb: int
+
+
+def hide_volume_credentials(spec: dict) -> dict:
+    """A copy of a spec dict for anything that leaves the agent (RPC answers):
+    volume connection data may carry credentials (CHAP passwords, cephx keys)."""
+    spec = copy.deepcopy(spec)
+    for bdm in spec.get("block_devices") or ():
+        if isinstance(bdm, dict) and isinstance(bdm.get("connection_info"), dict):
+            bdm["connection_info"]["data"] = "<hidden>"
+    return spec

@@ -46,7 +46,6 @@ call, rolls back at once instead of waiting out the call's timeout.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import threading
@@ -150,6 +149,7 @@ class ResizeMixin:
     def _resize(self, ctxt, run: _Run) -> None:
         inst, journal, dest = run.inst, run.journal, run.dest
         with self._instance_lock(inst.uuid):
+            answered = False
             try:
                 with journal.step("prep_resize"):
                     target = self._call_watching_dest(ctxt, run, lambda: (
@@ -157,6 +157,7 @@ class ResizeMixin:
                             ctxt, dest, run.new_spec.to_dict(), self.host,
                             {"launched_at": inst.launched_at, "created_at": inst.created_at},
                             timeout=self.conf.long_rpc_timeout)))
+                    answered = True
                     target = {"instance_dir": md.check_path(target.get("instance_dir"),
                                                             "instance_dir"),
                               "libvirt_uri": target.get("libvirt_uri"),
@@ -166,6 +167,15 @@ class ResizeMixin:
                         raise exception.InvalidArgument(name="libvirt_uri",
                                                         reason="not a libvirt URI")
             except Exception as exc:
+                if answered or not isinstance(exc, exception.ComputeAgentError):
+                    # The destination may have prepared (a bad or lost answer):
+                    # undo that; cleanup touches only what this request made.
+                    try:
+                        self._peer_api.cleanup_resize_at_destination(ctxt, dest, inst.uuid,
+                                                                     timeout=120)
+                    except Exception as rb_exc:
+                        LOG.warning("Could not clean up on %s after prep_resize failed: %s",
+                                    dest, _reason(rb_exc))
                 self._resize_refused(ctxt, run, exc)
                 return
             try:
@@ -255,6 +265,18 @@ class ResizeMixin:
             self._resize_finished(ctxt, run, f"{copied} bytes copied in {seconds:.1f}s",
                                   {"seconds": round(seconds, 2), "bytes": copied})
 
+    def _resize_error(self, ctxt, run: _Run, failed_step: str | None, message: str) -> None:
+        """The resize could not be undone: the instance in error, every file kept."""
+        inst = run.inst
+        self.store.update_instance(
+            inst.uuid, vm_state=states.ERROR, task_state=None, progress=None,
+            power_state=self._power_state(inst),
+            fault=objects.Fault(ACTION, failed_step, message, now()))
+        self.store.finish_operation(run.op_id, "failed", message)
+        self.store.update_migration(run.mig_id, "error", {"message": message})
+        metrics.observe_operation(ACTION, "failed", time.monotonic() - run.started)
+        self._notify(ctxt, ACTION, "error", dict(self._current(inst.uuid), message=message))
+
     def _resize_power_off(self, run: _Run) -> None:
         self.store.update_instance(run.inst.uuid, task_state=states.RESIZE_MIGRATING)
         self.store.update_migration(run.mig_id, "migrating")
@@ -305,10 +327,44 @@ class ResizeMixin:
         self.driver.undo_resize_same_host(resized, dataclasses.replace(resized, spec=original),
                                           journal, was_running)
 
-    def _resize_rollback(self, ctxt, run: _Run, exc: Exception) -> None:
+    def _dest_runs_it(self, ctxt, run: _Run) -> bool | None:
+        """After finish_resize was sent: whether the destination has the
+        instance resized (True), has not (False), or did not say (None)."""
+        try:
+            there = self._peer_api.get_instance(ctxt, run.dest, run.inst.uuid)
+        except exception.InstanceNotFound:
+            return False
+        except Exception as exc:
+            LOG.warning("Could not ask %s about the instance: %s", run.dest, _reason(exc))
+            return None
+        return there.get("vm_state") == states.RESIZED
+
+    def _resize_rollback(self, ctxt, run: _Run, exc: Exception,
+                         finish_sent: bool | None = None) -> None:
+        """Undo a resize that failed on the source's side of things. Once
+        finish_resize was sent, the destination may run the guest even though
+        its answer never came: then the resize is finished, and when it cannot
+        be asked the guest is not started here either - never on both hosts."""
         inst, journal, dest = run.inst, run.journal, run.dest
         cause = _reason(exc)
         failed_step = journal.current_step
+        if finish_sent is None:
+            finish_sent = failed_step == "finish_resize"
+        if dest != self.host and finish_sent:
+            runs_there = self._dest_runs_it(ctxt, run)
+            if runs_there:
+                LOG.warning("%s runs the resized instance though its answer was lost (%s)",
+                            dest, cause)
+                self.store.delete_instance(inst.uuid)
+                self._resize_finished(ctxt, run, f"finished there, its answer lost ({cause})",
+                                      {})
+                return
+            if runs_there is None:
+                self._resize_error(ctxt, run, failed_step, (
+                    f"{cause}; {dest} could not be asked whether it runs the guest, so it is "
+                    f"not started here (it must never run on two hosts): its disks are in "
+                    f"<uuid>_resize on {self.host}; see {dest}, then reset-state"))
+                return
         LOG.warning("Resize to %s failed at step %s: %s; rolling back", dest, failed_step,
                     cause)
         dest_note = ""
@@ -326,16 +382,9 @@ class ResizeMixin:
             else:
                 self._restore_source(inst, journal, run.was_running)
         except Exception as rb_exc:
-            message = (f"{cause}; and rolling back failed: {_reason(rb_exc)} (the disks are "
-                       f"in the instance directory or <uuid>_resize on {self.host}){dest_note}")
-            self.store.update_instance(
-                inst.uuid, vm_state=states.ERROR, task_state=None, progress=None,
-                power_state=self._power_state(inst),
-                fault=objects.Fault(ACTION, failed_step, message, now()))
-            self.store.finish_operation(op_id, "failed", message)
-            self.store.update_migration(mig_id, "error", {"message": message})
-            metrics.observe_operation(ACTION, "failed", time.monotonic() - started)
-            self._notify(ctxt, ACTION, "error", dict(self._current(inst.uuid), message=message))
+            self._resize_error(ctxt, run, failed_step, (
+                f"{cause}; and rolling back failed: {_reason(rb_exc)} (the disks are in the "
+                f"instance directory or <uuid>_resize on {self.host}){dest_note}"))
             return
         message = f"{cause}; rolled back: the instance is on {self.host} as before{dest_note}"
         power = self._power_state(inst)
@@ -429,6 +478,10 @@ class ResizeMixin:
             except exception.InstanceNotFound:
                 return
             mig = self.store.get_migration(inst.uuid, DEST)
+            if mig.request_id and mig.request_id != ctxt.request_id:
+                LOG.warning("Not cleaning up: the incoming resize here is request %s's, not "
+                            "this one's", mig.request_id)
+                return
 
             def body(inst, journal):
                 self.driver.cleanup_resize_destination(inst, journal)
@@ -461,7 +514,28 @@ class ResizeMixin:
             power = self._power_state(inst)
             self._settle(inst, states.ACTIVE if power == states.RUNNING else states.STOPPED)
             journal.note = f"confirmed: nothing of it is left on {mig.source}"
-        self._cast(ctxt, uuid, "confirm_resize", "confirm_resize", body)
+        # A source that cannot be reached leaves the instance resized: confirm again.
+        self._cast(ctxt, uuid, "confirm_resize", "confirm_resize", body, keep_vm_state=True)
+
+    def _confirm_before_delete(self, ctxt, inst: objects.Instance, journal: Journal) -> None:
+        """Deleting a resized instance confirms the resize first, so that the
+        old disks (and the source's shut-off domain) do not outlive it."""
+        try:
+            mig, same_host = self._resize_to_settle(inst.uuid)
+        except exception.NotFound:
+            return
+        try:
+            if same_host:
+                self.driver.remove_aside_dir(inst, journal)
+            else:
+                with journal.step("confirm_resize_at_source"):
+                    self._peer_api.confirm_resize_at_source(
+                        ctxt, mig.source, inst.uuid, timeout=self.conf.long_rpc_timeout)
+            self.store.update_migration(mig.id, "confirmed")
+        except Exception as exc:
+            LOG.warning("Could not confirm the resize before the delete: %s", _reason(exc))
+            journal.event("confirm_resize", f"failed, <uuid>_resize is left on "
+                                            f"{mig.source}: {_reason(exc)}")
 
     def revert_resize(self, ctxt, uuid: str) -> None:
         """On the destination (cast): destroyed here, restored on the source."""
@@ -572,16 +646,6 @@ class ResizeMixin:
                                                      states.RESIZE_FINISH):
             mig = self.store.get_migration(inst.uuid, SOURCE)
             if mig is not None:
-                there = None
-                with contextlib.suppress(Exception):
-                    if mig.dest != self.host:
-                        there = self._peer_api.get_instance(ctxt, mig.dest, inst.uuid)
-                if there and there.get("vm_state") == states.RESIZED:
-                    self.store.delete_instance(inst.uuid)
-                    self.store.update_migration(mig.id, "finished",
-                                                {"message": f"{reason}; finished on "
-                                                            f"{mig.dest}"})
-                    return
                 op_id = self.store.start_operation(inst.uuid, ACTION, ctxt.request_id)
                 original = dataclasses.replace(
                     inst, spec=objects.InstanceSpec.from_dict(mig.details["spec"]))
@@ -590,7 +654,8 @@ class ResizeMixin:
                            was_running=bool(mig.details.get("was_running")), op_id=op_id,
                            journal=Journal(self.store, op_id, ACTION), mig_id=mig.id,
                            started=time.monotonic())
-                self._resize_rollback(ctxt, run, exception.ComputeAgentError(reason))
+                self._resize_rollback(ctxt, run, exception.ComputeAgentError(reason),
+                                      finish_sent=inst.task_state == states.RESIZE_FINISH)
                 return
         if inst.task_state is None and inst.vm_state != states.BUILDING:
             LOG.info("Reconciled: %s was interrupted, but the instance is %s here now",
