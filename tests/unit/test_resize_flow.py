@@ -16,7 +16,17 @@ Covered:
   back on revert;
 - restarts: a destination restarted during finish undoes its side; the
   source, watching the destination during its call, gives up on it and
-  rolls back; a source restarted mid-transfer rolls back.
+  rolls back; a source restarted mid-transfer rolls back; one restarted
+  while waiting on finish asks the destination: resized there -> finished,
+  no answer -> error, the guest not started here;
+- lost answers (never a guest on two hosts): finish_resize done on h2 but
+  its answer lost -> the resize is finished; lost and h2 silent -> error,
+  nothing started on h1; a prep_resize answer rejected or lost -> h2 asked
+  to clean up (only the preparing request may);
+- get_migration answers carry no volume credentials; the store keeps them;
+- a confirm that cannot reach the source leaves the instance resized and
+  can be retried; deleting a resized instance confirms first (or records
+  that <uuid>_resize was left).
 """
 
 from __future__ import annotations
@@ -36,22 +46,33 @@ from tests.unit.conftest import MINIMAL_SPEC
 from tests.unit.fake_migration import connect
 from tests.unit.fake_resize import DISK_BYTES, disks_for
 from tests.unit.test_live_migration import _manager, unwrap
-from tests.unit.test_volume_connection import iscsi_bdm
+from tests.unit.test_volume_connection import PASSWORD, iscsi_bdm
 
 TINY = MINIMAL_SPEC["flavor"]  # what make_spec's instances have: root 1 GiB, no ephemeral
 BIGGER = {"name": "m1.small", "vcpus": 2, "memory_mb": 1024, "root_gb": 2, "ephemeral_gb": 1}
+
+
+def timed_out(method: str, host: str) -> str:
+    """What the caller of a call that got no answer sees (the Router's)."""
+    return f"Timed out waiting for a reply from {host} to {method}"
 
 
 class Router:
     """ComputeAPI's host-to-host methods, delivered to the addressed manager
     in-process, arguments bound by the real client's signature and sent
     through JSON. ``intercept[method] = fn(host, kwargs)`` answers a method
-    instead of its host (e.g. a host that never answers)."""
+    instead of its host (e.g. a host that never answers). A method in
+    ``unreachable`` times out without reaching its host; one in
+    ``answer_lost`` runs there, then times out as if its answer were lost;
+    ``rewrite[method] = fn(answer)`` changes an answer on its way back."""
 
     def __init__(self, managers: dict):
         self.managers = managers
         self.sent: list[tuple[str, str]] = []
         self.intercept: dict = {}
+        self.unreachable: set[str] = set()
+        self.answer_lost: set[str] = set()
+        self.rewrite: dict = {}
 
     def __getattr__(self, method):
         signature = inspect.signature(getattr(ComputeAPI, method))
@@ -62,6 +83,8 @@ class Router:
                       if k not in ("self", "ctxt", "host", "timeout")}
             params = json.loads(json.dumps(params))
             self.sent.append((method, host))
+            if method in self.unreachable:
+                raise messaging.MessagingTimeout(timed_out(method, host))
             if method in self.intercept:
                 return self.intercept[method](host, params)
             if host not in self.managers:
@@ -70,7 +93,10 @@ class Router:
                 result = getattr(self.managers[host], method)(ctxt, **params)
             except messaging.ExpectedException as exc:  # what the RPC server unwraps
                 raise exc.exc_info[1] from None
-            return json.loads(json.dumps(result))
+            if method in self.answer_lost:
+                raise messaging.MessagingTimeout(timed_out(method, host))
+            result = json.loads(json.dumps(result))
+            return self.rewrite[method](result) if method in self.rewrite else result
         return send
 
 
@@ -143,6 +169,24 @@ def _assert_on_source_as_before(src, uuid: str, flavor: str = "m1.tiny") -> None
     assert inst.spec.flavor.name == flavor and inst.progress is None
     assert src.driver.disks[uuid] == ["disk"] and uuid not in src.driver.aside
     assert src.driver.guests[uuid] == states.RUNNING
+
+
+def _running(manager) -> set[str]:
+    """The instances whose domain runs on that host."""
+    return {u for u, power in manager.driver.guests.items() if power == states.RUNNING}
+
+
+def _assert_in_error_not_started(src, uuid: str, message: str) -> None:
+    """h1 could not tell whether h2 runs the guest: error, nothing started or removed."""
+    inst = src.store.get_instance(uuid)
+    assert (inst.vm_state, inst.task_state, inst.power_state) == \
+        (states.ERROR, None, states.SHUTDOWN)
+    assert inst.fault.message == message
+    assert _running(src) == set() and src.driver.guests[uuid] == states.SHUTDOWN
+    assert src.driver.aside == {uuid: ["disk"]} and uuid not in src.driver.disks
+    assert "restore_from_aside" not in src.driver.methods_called(uuid)
+    mig = src.store.get_migration(uuid)
+    assert (mig.status, mig.details["message"]) == ("error", message)
 
 
 # --- to another host ---------------------------------------------------------------
@@ -240,10 +284,13 @@ def test_cold_migration_of_a_stopped_instance_and_back(hosts, running):
     ("h1", "transfer_disk", "transfer_disk"),  # uploading the disks from h1
     ("h2", "rebase_disk", "finish_resize"),    # finishing on h2
 ])
-def test_a_failure_rolls_back_to_the_source(hosts, running, host, step, fault_step):
+def test_a_failure_rolls_back_to_the_source(hosts, router, running, host, step, fault_step):
     src, dst = hosts
     {"h1": src, "h2": dst}[host].driver.fail_at(step)
     op = _resize(src, running)
+    # Once finish_resize was sent, h2 is asked first whether it runs the guest
+    # (it does not: it failed, so the rollback goes ahead).
+    assert (("get_instance", "h2") in router.sent) == (host == "h2")
 
     assert op.status == "failed"
     assert f"injected failure at {step}; rolled back: the instance is on h1 as before" \
@@ -476,3 +523,287 @@ def test_source_restarted_during_the_transfer_rolls_back(hosts, running):
     _assert_on_source_as_before(src, running)
     _assert_not_on(dst, running)
     assert dst.store.get_migration(running).status == "rolled_back"
+
+
+def _source_killed_during_finish(src, dst, uuid: str) -> None:
+    """What h1 killed while waiting on finish_resize leaves in its database,
+    h2 having finished it (prep, the transfer and finish all went through)."""
+    ctxt = o_context.RequestContext()
+    inst = src.store.get_instance(uuid)
+    unwrap(dst.prep_resize, ctxt, dict(inst.spec.to_dict(), flavor=BIGGER), "h1", {})
+    src.driver.guests[uuid] = states.SHUTDOWN
+    src.driver.aside[uuid] = src.driver.disks.pop(uuid)
+    dst.driver.disks[uuid] += src.driver.aside[uuid]  # the transfer
+    src.store.update_instance(uuid, task_state=states.RESIZE_FINISH)
+    op_id = src.store.start_operation(uuid, "resize", ctxt.request_id)
+    src.store.start_step(op_id, "finish_resize")
+    src.store.start_migration(uuid, "source", "h1", "h2", True, ctxt.request_id,
+                              "migrating", {"kind": "resize", "was_running": True,
+                                            "vm_state": "active",
+                                            "old_flavor": TINY, "new_flavor": BIGGER,
+                                            "spec": inst.spec.to_dict()})
+    unwrap(dst.finish_resize, ctxt, uuid, True)
+
+
+def test_source_restarted_during_finish_that_the_destination_finished(hosts, router,
+                                                                       running):
+    src, dst = hosts
+    _source_killed_during_finish(src, dst, running)
+
+    src.reconcile()
+
+    ops = src.store.operations(uuid=running)
+    assert [(o.name, o.status) for o in ops[:2]] == [("resize", "done"),
+                                                      ("resize", "interrupted")]
+    assert "finished there, its answer lost (agent restarted during resize" \
+        in ops[0].message, ops[0].message
+    with pytest.raises(exception.InstanceNotFound):
+        src.store.get_instance(running)
+    assert src.store.get_migration(running).status == "finished"
+    assert _running(src) == set() and _running(dst) == {running}
+    assert src.driver.aside == {running: ["disk"]}  # until confirm
+    assert ("cleanup_resize_at_destination", "h2") not in router.sent
+    assert dst.store.get_instance(running).vm_state == states.RESIZED
+
+
+def test_source_restarted_during_finish_with_the_destination_silent(hosts, router, running):
+    src, dst = hosts
+    _source_killed_during_finish(src, dst, running)
+    router.unreachable.add("get_instance")
+
+    src.reconcile()
+
+    op = _op(src, running)
+    assert op.status == "failed"
+    assert "h2 could not be asked whether it runs the guest, so it is not started here" \
+        in op.message, op.message
+    _assert_in_error_not_started(src, running, op.message)
+    assert _running(dst) == {running}  # it did run there: one guest, not two
+    assert ("cleanup_resize_at_destination", "h2") not in router.sent
+
+
+# --- lost answers: never a guest on two hosts ------------------------------------------
+
+def test_finish_answer_lost_after_the_destination_finished(hosts, router, running):
+    src, dst = hosts
+    router.answer_lost.add("finish_resize")
+    op = _resize(src, running)
+
+    assert op.status == "done", op.message
+    assert op.message == (f"resize to h2: finished there, its answer lost "
+                          f"({timed_out('finish_resize', 'h2')}); confirm or revert on h2")
+    assert ("get_instance", "h2") in router.sent
+    assert ("cleanup_resize_at_destination", "h2") not in router.sent
+    # One guest, on h2; h1 has no record and keeps its disks aside until confirm.
+    assert _running(src) == set() and _running(dst) == {running}
+    with pytest.raises(exception.InstanceNotFound):
+        src.store.get_instance(running)
+    assert src.driver.guests[running] == states.SHUTDOWN
+    assert src.driver.aside == {running: ["disk"]} and running not in src.driver.disks
+    assert not {"restore_from_aside", "power_on", "hard_reboot"} & \
+        set(src.driver.methods_called(running))
+    inst = dst.store.get_instance(running)
+    assert (inst.vm_state, inst.task_state, inst.power_state) == \
+        (states.RESIZED, None, states.RUNNING)
+    assert src.store.get_migration(running).status == "finished"
+    assert dst.store.get_migration(running).status == "finished"
+
+    dst.confirm_resize(o_context.RequestContext(), running)  # settles as usual
+
+    assert _op(dst, running, "confirm_resize").status == "done"
+    _assert_not_on(src, running)
+
+
+def test_finish_answer_lost_and_the_destination_silent(hosts, router, running):
+    src, dst = hosts
+    router.answer_lost.add("finish_resize")  # it ran on h2 ...
+    router.unreachable.add("get_instance")   # ... but h2 cannot say so
+    op = _resize(src, running)
+
+    assert op.status == "failed"
+    assert op.message.startswith(
+        f"{timed_out('finish_resize', 'h2')}; h2 could not be asked whether it runs the "
+        f"guest, so it is not started here"), op.message
+    assert "its disks are in <uuid>_resize on h1" in op.message
+    _assert_in_error_not_started(src, running, op.message)
+    assert src.store.get_instance(running).fault.step == "finish_resize"
+    assert ("cleanup_resize_at_destination", "h2") not in router.sent
+    assert _running(dst) == {running}
+    assert dst.store.get_instance(running).vm_state == states.RESIZED
+    assert src.notifier.last("compute.instance.resize.error")[0] == "error"
+
+
+# --- credentials -------------------------------------------------------------------------
+
+def test_get_migration_answers_carry_no_volume_credentials(hosts, router, make_spec):
+    src, dst = hosts
+    uuid = _spawn(src, make_spec(block_devices=[iscsi_bdm()]))
+    assert _resize(src, uuid).status == "done"
+    ctxt = o_context.RequestContext()
+
+    answers = {h: router.get_migration(ctxt, h, uuid) for h in ("h1", "h2")}
+
+    assert (answers["h1"]["role"], answers["h2"]["role"]) == ("source", "destination")
+    for answer in answers.values():
+        assert PASSWORD not in json.dumps(answer)
+    spec = answers["h1"]["details"]["spec"]  # the source's row keeps the spec, hidden
+    assert spec["flavor"]["name"] == "m1.tiny"
+    assert spec["block_devices"][0]["volume_id"] == "vol-1"
+    assert spec["block_devices"][0]["connection_info"]["data"] == "<hidden>"
+    assert PASSWORD not in json.dumps(router.get_instance(ctxt, "h2", uuid))
+    # The store keeps it: the revert reconnects the volume with it.
+    stored = src.store.get_migration(uuid).details["spec"]["block_devices"][0]
+    assert stored["connection_info"]["data"]["auth_password"] == PASSWORD
+
+    dst.revert_resize(ctxt, uuid)
+
+    assert _op(dst, uuid, "revert_resize").status == "done"
+    inst = src.store.get_instance(uuid)
+    assert inst.spec.block_devices[0].connection_data["auth_password"] == PASSWORD
+    assert src.driver.connected == {(uuid, "vol-1")}
+
+
+# --- a prep_resize answer the source cannot use ------------------------------------------
+
+@pytest.mark.parametrize("fault, words", [
+    ("bad_answer", "Invalid argument 'instance_dir': must be a normalised absolute path"),
+    ("answer_lost", timed_out("prep_resize", "h2")),
+])
+def test_a_rejected_prep_answer_is_undone_at_the_destination(hosts, router, running,
+                                                               fault, words):
+    src, dst = hosts
+    if fault == "bad_answer":
+        router.rewrite["prep_resize"] = lambda answer: dict(answer, instance_dir="/fake/../etc")
+    else:
+        router.answer_lost.add("prep_resize")
+    op = _resize(src, running)
+
+    assert op.status == "refused" and words in op.message, op.message
+    assert router.sent == [("prep_resize", "h2"), ("cleanup_resize_at_destination", "h2")]
+    assert _op(dst, running, "prep_resize").status == "done"  # h2 had prepared ...
+    assert _op(dst, running, "cleanup_resize_at_destination").status == "done"
+    _assert_not_on(dst, running)  # ... and undid it: no record, no directory
+    assert dst.store.get_migration(running).status == "rolled_back"
+    _assert_on_source_as_before(src, running)
+    assert src.driver.methods_called(running) == ["spawn"]  # nothing moved here
+    assert src.store.get_migration(running).status == "refused"
+    # h2 takes the next resize.
+    router.rewrite.clear()
+    router.answer_lost.clear()
+    assert _resize(src, running).status == "done"
+
+
+def test_cleanup_at_destination_leaves_another_requests_resize_alone(hosts, running):
+    src, dst = hosts
+    preparing = o_context.RequestContext()
+    spec = dict(src.store.get_instance(running).spec.to_dict(), flavor=BIGGER)
+    unwrap(dst.prep_resize, preparing, spec, "h1", {})
+
+    unwrap(dst.cleanup_resize_at_destination, o_context.RequestContext(), running)
+
+    inst = dst.store.get_instance(running)
+    assert (inst.vm_state, inst.task_state) == (states.BUILDING, states.RESIZE_MIGRATING)
+    assert running in dst.driver.disks  # its directory
+    assert "cleanup_resize_destination" not in dst.driver.methods_called(running)
+    assert dst.store.get_migration(running).status == "prepared"
+    assert [o.name for o in dst.store.operations(uuid=running)] == ["prep_resize"]
+
+    unwrap(dst.cleanup_resize_at_destination, preparing, running)  # the preparing request's
+
+    _assert_not_on(dst, running)
+    assert dst.store.get_migration(running).status == "rolled_back"
+
+
+# --- confirm and delete ------------------------------------------------------------------
+
+def test_confirm_that_cannot_reach_the_source_can_be_retried(hosts, router, running):
+    src, dst = hosts
+    assert _resize(src, running).status == "done"
+    router.unreachable.add("confirm_resize_at_source")
+
+    dst.confirm_resize(o_context.RequestContext(), running)
+
+    op = _op(dst, running, "confirm_resize")
+    assert (op.status, op.message) == ("failed", timed_out("confirm_resize_at_source", "h1"))
+    inst = dst.store.get_instance(running)
+    assert (inst.vm_state, inst.task_state, inst.power_state, inst.fault) == \
+        (states.RESIZED, None, states.RUNNING, None)
+    assert src.driver.aside == {running: ["disk"]}
+    assert src.driver.guests[running] == states.SHUTDOWN
+    assert src.store.get_migration(running).status == "finished"
+    assert dst.store.get_migration(running).status == "finished"
+
+    router.unreachable.clear()
+    dst.confirm_resize(o_context.RequestContext(), running)
+
+    assert _op(dst, running, "confirm_resize").status == "done"
+    inst = dst.store.get_instance(running)
+    assert (inst.vm_state, inst.task_state, inst.power_state) == \
+        (states.ACTIVE, None, states.RUNNING)
+    _assert_not_on(src, running)
+    assert src.store.get_migration(running).status == "confirmed"
+    assert dst.store.get_migration(running).status == "confirmed"
+
+
+def _assert_deleted(manager, uuid: str) -> None:
+    inst = manager.store.get_instance(uuid)
+    assert (inst.vm_state, inst.task_state, inst.power_state) == \
+        (states.DELETED, None, states.NOSTATE)
+    d = manager.driver
+    assert uuid not in d.disks and uuid not in d.guests and uuid not in d.aside
+    assert not any(u == uuid for u, _ in d.connected)
+
+
+def test_deleting_a_resized_instance_confirms_at_the_source_first(hosts, make_spec):
+    src, dst = hosts
+    uuid = _spawn(src, make_spec(block_devices=[iscsi_bdm()]))
+    assert _resize(src, uuid).status == "done"
+
+    dst.delete(o_context.RequestContext(), uuid)
+
+    op = _op(dst, uuid, "delete")
+    assert op.status == "done", op.message
+    _assert_in_order(_steps(op), "confirm_resize_at_source", "destroy_domain")
+    _assert_deleted(dst, uuid)
+    _assert_not_on(src, uuid)  # <uuid>_resize and the shut-off domain are gone
+    assert _op(src, uuid, "confirm_resize_at_source").status == "done"
+    assert src.store.get_migration(uuid).status == "confirmed"
+    assert dst.store.get_migration(uuid).status == "confirmed"
+
+
+def test_deleting_a_resized_instance_on_the_same_host_removes_the_aside(hosts, router,
+                                                                          running):
+    src, _ = hosts
+    src.conf.set_override("allow_resize_same_host", True)
+    assert _resize(src, running, BIGGER, "h1").status == "done"
+    assert src.driver.aside == {running: ["disk"]}
+
+    src.delete(o_context.RequestContext(), running)
+
+    op = _op(src, running, "delete")
+    assert op.status == "done", op.message
+    _assert_in_order(_steps(op), "remove_resize_dir", "destroy_domain")
+    _assert_deleted(src, running)
+    assert src.store.get_migration(running).status == "confirmed"
+    assert router.sent == []
+
+
+def test_deleting_a_resized_instance_whose_source_cannot_be_reached(hosts, router, running):
+    src, dst = hosts
+    assert _resize(src, running).status == "done"
+    router.unreachable.add("confirm_resize_at_source")
+
+    dst.delete(o_context.RequestContext(), running)
+
+    op = _op(dst, running, "delete")
+    assert op.status == "done", op.message
+    _assert_deleted(dst, running)
+    steps = {s.name: s for s in op.steps}
+    assert steps["confirm_resize_at_source"].status == "failed"
+    assert (steps["confirm_resize"].status, steps["confirm_resize"].message) == \
+        ("done", f"failed, <uuid>_resize is left on h1: "
+                 f"{timed_out('confirm_resize_at_source', 'h1')}")
+    # Left on h1, as the delete's record says.
+    assert src.driver.aside == {running: ["disk"]}
+    assert src.store.get_migration(running).status == "finished"
+    assert dst.store.get_migration(running).status == "finished"
