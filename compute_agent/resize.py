@@ -339,6 +339,27 @@ class ResizeMixin:
             return None
         return there.get("vm_state") == states.RESIZED
 
+    def _settled_by_dest(self, ctxt, run: _Run, cause: str, failed_step: str | None,
+                         unsure: bool = False) -> bool:
+        """After finish_resize was sent: settle the resize from what the
+        destination says, if that settles it. Resized there -> finished (its
+        answer was lost). It cannot be asked, or (``unsure``) it did not clean
+        up -> error here, the guest not started. Else False: roll back."""
+        runs_there = self._dest_runs_it(ctxt, run)
+        if runs_there:
+            LOG.warning("%s runs the resized instance though its answer was lost (%s)",
+                        run.dest, cause)
+            self.store.delete_instance(run.inst.uuid)
+            self._resize_finished(ctxt, run, f"finished there, its answer lost ({cause})", {})
+            return True
+        if runs_there is None or unsure:
+            self._resize_error(ctxt, run, failed_step, (
+                f"{cause}; it is not known whether {run.dest} runs the guest, so it is not "
+                f"started here (it must never run on two hosts): its disks are in "
+                f"<uuid>_resize on {self.host}; see {run.dest}, then reset-state"))
+            return True
+        return False
+
     def _resize_rollback(self, ctxt, run: _Run, exc: Exception,
                          finish_sent: bool | None = None) -> None:
         """Undo a resize that failed on the source's side of things. Once
@@ -350,21 +371,9 @@ class ResizeMixin:
         failed_step = journal.current_step
         if finish_sent is None:
             finish_sent = failed_step == "finish_resize"
-        if dest != self.host and finish_sent:
-            runs_there = self._dest_runs_it(ctxt, run)
-            if runs_there:
-                LOG.warning("%s runs the resized instance though its answer was lost (%s)",
-                            dest, cause)
-                self.store.delete_instance(inst.uuid)
-                self._resize_finished(ctxt, run, f"finished there, its answer lost ({cause})",
-                                      {})
-                return
-            if runs_there is None:
-                self._resize_error(ctxt, run, failed_step, (
-                    f"{cause}; {dest} could not be asked whether it runs the guest, so it is "
-                    f"not started here (it must never run on two hosts): its disks are in "
-                    f"<uuid>_resize on {self.host}; see {dest}, then reset-state"))
-                return
+        if dest != self.host and finish_sent and self._settled_by_dest(ctxt, run, cause,
+                                                                       failed_step):
+            return
         LOG.warning("Resize to %s failed at step %s: %s; rolling back", dest, failed_step,
                     cause)
         dest_note = ""
@@ -375,6 +384,11 @@ class ResizeMixin:
                                                                  timeout=120)
             except Exception as rb_exc:
                 dest_note = f"; {dest} could not clean up: {_reason(rb_exc)}"
+                if finish_sent:
+                    # Its finish may still be running: the guest may start there.
+                    self._settled_by_dest(ctxt, run, cause + dest_note, failed_step,
+                                          unsure=True)
+                    return
         op_id, mig_id, started = run.op_id, run.mig_id, run.started
         try:
             if dest == self.host:
@@ -538,7 +552,8 @@ class ResizeMixin:
                                             f"{mig.source}: {_reason(exc)}")
 
     def revert_resize(self, ctxt, uuid: str) -> None:
-        """On the destination (cast): destroyed here, restored on the source."""
+        """On the destination (cast): stopped here, restored on the source, then
+        destroyed here - only once the source has it back."""
         def body(inst, journal):
             mig, same_host = self._resize_to_settle(inst.uuid)
             was_running = bool(mig.details.get("was_running"))
@@ -551,13 +566,15 @@ class ResizeMixin:
                 self._settle(inst, states.ACTIVE if power == states.RUNNING else states.STOPPED)
                 journal.note = f"reverted on {self.host} to the old flavor"
                 return
-            with journal.step("destroy_here"):
-                self.driver.cleanup_resize_destination(inst, journal)
+            with journal.step("power_off_here"):
+                self.driver.power_off(inst, journal, 0)  # its disks are dropped anyway
             with journal.step("finish_revert_resize"):
                 self._peer_api.finish_revert_resize(
                     ctxt, mig.source, inst.uuid,
                     {"launched_at": inst.launched_at, "created_at": inst.created_at},
                     timeout=self.conf.long_rpc_timeout)
+            with journal.step("destroy_here"):
+                self.driver.cleanup_resize_destination(inst, journal)
             self.store.delete_instance(inst.uuid)
             self.store.update_migration(mig.id, "reverted")
             journal.note = f"reverted to {mig.source} ({'running' if was_running else 'stopped'})"
@@ -575,6 +592,10 @@ class ResizeMixin:
     @_expected
     def confirm_resize_at_source(self, ctxt, uuid: str) -> None:
         with self._context(ctxt, uuid):
+            done = self.store.get_migration(objects.validate_uuid(uuid), SOURCE)
+            if done is not None and done.status == "confirmed":
+                LOG.info("Resize already confirmed here (a confirm whose answer was lost)")
+                return
             mig = self._finished_resize_from_here(uuid)
             old = objects.Flavor.from_dict(mig.details["old_flavor"])
             probe = objects.Instance(

@@ -248,7 +248,7 @@ def test_resize_to_another_host_then_revert(hosts, running):
 
     op = _op(dst, running, "revert_resize")
     assert op.status == "done", op.message
-    _assert_in_order(_steps(op), "destroy_here", "finish_revert_resize")
+    _assert_in_order(_steps(op), "power_off_here", "finish_revert_resize", "destroy_here")
     _assert_on_source_as_before(src, running)
     assert src.store.get_instance(running).launched_at == launched_at
     assert _op(src, running, "finish_revert_resize").status == "done"
@@ -575,7 +575,7 @@ def test_source_restarted_during_finish_with_the_destination_silent(hosts, route
 
     op = _op(src, running)
     assert op.status == "failed"
-    assert "h2 could not be asked whether it runs the guest, so it is not started here" \
+    assert "it is not known whether h2 runs the guest, so it is not started here" \
         in op.message, op.message
     _assert_in_error_not_started(src, running, op.message)
     assert _running(dst) == {running}  # it did run there: one guest, not two
@@ -622,7 +622,7 @@ def test_finish_answer_lost_and_the_destination_silent(hosts, router, running):
 
     assert op.status == "failed"
     assert op.message.startswith(
-        f"{timed_out('finish_resize', 'h2')}; h2 could not be asked whether it runs the "
+        f"{timed_out('finish_resize', 'h2')}; it is not known whether h2 runs the "
         f"guest, so it is not started here"), op.message
     assert "its disks are in <uuid>_resize on h1" in op.message
     _assert_in_error_not_started(src, running, op.message)
@@ -743,6 +743,39 @@ def test_confirm_that_cannot_reach_the_source_can_be_retried(hosts, router, runn
     _assert_not_on(src, running)
     assert src.store.get_migration(running).status == "confirmed"
     assert dst.store.get_migration(running).status == "confirmed"
+
+
+def test_a_confirm_whose_answer_was_lost_can_be_confirmed_again(hosts, router, running):
+    src, dst = hosts
+    assert _resize(src, running).status == "done"
+    router.answer_lost.add("confirm_resize_at_source")  # h1 confirmed; h2 never heard
+
+    dst.confirm_resize(o_context.RequestContext(), running)
+
+    assert _op(dst, running, "confirm_resize").status == "failed"
+    assert src.store.get_migration(running).status == "confirmed"
+    router.answer_lost.clear()
+    dst.confirm_resize(o_context.RequestContext(), running)
+
+    assert _op(dst, running, "confirm_resize").status == "done"
+    assert dst.store.get_instance(running).vm_state == states.ACTIVE
+    _assert_not_on(src, running)
+
+
+def test_a_revert_the_source_cannot_take_keeps_the_disks_here(hosts, router, running):
+    src, dst = hosts
+    assert _resize(src, running).status == "done"
+    router.unreachable.add("finish_revert_resize")
+
+    dst.revert_resize(o_context.RequestContext(), running)
+
+    op = _op(dst, running, "revert_resize")
+    assert op.status == "failed" and "finish_revert_resize" in op.message, op.message
+    assert "destroy_here" not in _steps(op)
+    assert running in dst.driver.disks  # the only running copy was stopped, not removed
+    assert dst.driver.guests[running] == states.SHUTDOWN
+    assert dst.store.get_instance(running).vm_state == states.ERROR
+    assert src.driver.aside == {running: ["disk"]}  # and the source still has its own
 
 
 def _assert_deleted(manager, uuid: str) -> None:
