@@ -362,6 +362,18 @@ def test_resize_on_the_same_host_revert_and_confirm(api, lm_agents, tmp_path):  
     assert not os.path.exists(inst_dir + "_resize")
     _same_data(reference, os.path.join(inst_dir, "disk"))
 
+    # Deleting a resized instance confirms first: no <uuid>_resize outlives it.
+    bigger = dict(bigger, memory_mb=128)
+    op = resize_here()
+    assert op["status"] == "done", (op, a.log_tail())
+    assert os.path.isdir(inst_dir + "_resize")
+    c = api.new_context()
+    api.delete(c, a.host, uuid)
+    op = _wait_op(api, c, a.host, uuid, "delete")
+    assert op["status"] == "done", (op, a.log_tail())
+    assert not os.path.exists(inst_dir) and not os.path.exists(inst_dir + "_resize")
+    assert _domain(SYSTEM_URI, uuid) is None
+
     # Another agent without the option refuses a resize to itself.
     b = lm_agents("rs-same-off", extra_conf=conf)
     other = _boot(api, b)
