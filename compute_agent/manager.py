@@ -102,6 +102,9 @@ class ComputeManager(LiveMigrationMixin, SnapshotMixin, VolumeOpsMixin, ResizeMi
         if op_name in RESIZE_OPERATIONS:  # resize.py
             self._reconcile_resize(ctxt, inst, op_name, reason)
             return
+        if op_name in ("attach_volume", "detach_volume"):  # volume_ops.py
+            self._reconcile_volume_op(ctxt, inst, op_name)
+            return
         power = self._power_state(inst)
         saved = power == states.SUSPENDED_POWER
         # (operation, what the hypervisor shows) -> the state it ended in.

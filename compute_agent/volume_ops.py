@@ -88,6 +88,23 @@ class VolumeOpsMixin:
 
         self._volume_cast(ctxt, uuid, "detach_volume", body)
 
+    def _reconcile_volume_op(self, ctxt, inst: objects.Instance, op_name: str) -> None:
+        """An attach or detach cut short by a restart: undo the attach or finish
+        the detach, so the record and the host agree and the instance keeps
+        its vm_state (the operation says it was interrupted; it can be sent
+        again)."""
+        def body(inst, journal):
+            gone = self.driver.reconcile_volumes(inst, journal)
+            if gone:
+                spec = dataclasses.replace(inst.spec, block_devices=tuple(
+                    b for b in inst.spec.block_devices if b.volume_id not in gone))
+                with journal.step("save_spec"):
+                    self.store.update_instance(inst.uuid, spec=json.dumps(spec.to_dict()))
+            self._settle(inst, inst.vm_state)
+            journal.note = ("volumes match the record" + (
+                f"; detach of {', '.join(gone)} finished" if gone else ""))
+        self._run(ctxt, inst, op_name, body, resumed=True, keep_vm_state=True)
+
     def _volume_cast(self, ctxt, uuid: str, action: str, body) -> None:
         """Like _cast, but a failure keeps the instance's vm_state: a volume
         that could not be attached or detached leaves a working instance."""

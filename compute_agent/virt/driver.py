@@ -141,6 +141,16 @@ class ComputeDriver(abc.ABC):
         it. Returns 'live' or 'config'."""
         raise NotSupported(what="Volumes with this driver")
 
+    def reconcile_volumes(self, instance: Instance, journal: Journal) -> list[str]:
+        """After an attach or detach cut short by a restart: make this host
+        match the record. A disk or secret of a volume the record does not
+        have goes (the attach is undone); a recorded volume whose disk is
+        already gone from the domain is disconnected (the detach is
+        finished). Returns the ids of those, for the record to drop."""
+        if instance.spec.block_devices:
+            raise NotSupported(what="Volumes with this driver")
+        return []
+
     def cleanup_host(self) -> None:  # noqa: B027 - optional hook
         """Release connections on shutdown."""
 

@@ -556,3 +556,60 @@ def test_resize_and_revert_carry_iscsi_and_rbd_volumes(
     finally:
         remove_agent_secrets([uuid])
         remove_agent_secrets([uuid], second_host.uri)
+
+
+@pytest.mark.kvm
+def test_agent_killed_mid_attach_and_mid_detach_reconciles_the_volume(
+        api, vol_agent, iscsi_target):  # noqa: F811
+    """SIGKILL after the disk went in (or out) but before the record says so:
+    the restarted agent undoes the attach, or finishes the detach, so the
+    record, the domain and the secrets agree and the instance stays active."""
+    pause = "COMPUTE_AGENT_PAUSE_BEFORE_STEP"
+    agent = vol_agent("vol-restart", virt_type="kvm")
+    spec = make_spec(image="bootsector", memory_mb=64)
+    uuid = spec["uuid"]
+    _spawn(api, agent, spec)
+    iqn, _ = iscsi_target.add_lun("restart-chap", chap=CHAP)
+    bdm = _bdm("vol-r", "sdb", iscsi_target.connection_info(iqn, CHAP))
+
+    def restart(env=None):
+        agent.kill(9)
+        agent.start(api, api.new_context(), env=env)
+
+    def request_outcome(ctxt):
+        ops = [o for o in api.get_operations(ctxt, agent.host, uuid, limit=10)
+               if o["request_id"] == ctxt.request_id]
+        return [(o["name"], o["status"]) for o in reversed(ops)], ops[0]
+
+    # Attach cut short: the disk is in the domain, the record does not have it.
+    restart({pause: "attach_volume:save_spec:60"})
+    ctxt = api.new_context()
+    api.attach_volume(ctxt, agent.host, uuid, bdm)
+    wait_for(api, ctxt, agent.host, uuid, lambda _: "sdb" in _live_disks(uuid),
+             what="the disk attached")
+    restart({pause: "detach_volume:save_spec:60"})
+    inst = wait_for(api, ctxt, agent.host, uuid, _settled)
+    names, last = request_outcome(ctxt)
+    assert names == [("attach_volume", "interrupted"), ("attach_volume", "done")], names
+    assert last["message"] == "volumes match the record", last
+    assert (inst["vm_state"], inst["power_state"]) == ("active", "running")
+    assert _attached(api, agent, uuid) == []
+    assert "sdb" not in _live_disks(uuid) and "sdb" not in _live_disks(uuid, inactive=True)
+    assert agent_secrets([uuid]) == {}
+
+    # Attach for real, then a detach cut short: the disk is gone, the record has it.
+    ctxt = api.new_context()
+    api.attach_volume(ctxt, agent.host, uuid, bdm)
+    assert _op(api, ctxt, agent.host, uuid)["status"] == "done"
+    ctxt = api.new_context()
+    api.detach_volume(ctxt, agent.host, uuid, "vol-r")
+    wait_for(api, ctxt, agent.host, uuid, lambda _: "sdb" not in _live_disks(uuid, True),
+             what="the disk detached")
+    restart()
+    inst = wait_for(api, ctxt, agent.host, uuid, _settled)
+    names, last = request_outcome(ctxt)
+    assert names == [("detach_volume", "interrupted"), ("detach_volume", "done")], names
+    assert "detach of vol-r finished" in last["message"], last
+    assert (inst["vm_state"], inst["power_state"]) == ("active", "running")
+    assert _attached(api, agent, uuid) == [] and agent_secrets([uuid]) == {}
+    assert iscsi_target.initiator_addresses(iqn) == []

@@ -304,6 +304,18 @@ class FakeDriver(FakeResizeMixin, FakeLiveMigrationMixin, ComputeDriver):  # see
             self.connected.discard((uuid, bdm.volume_id))
         return "live" if live else "config"
 
+    def reconcile_volumes(self, instance: objects.Instance, journal: Journal) -> list[str]:
+        uuid = instance.uuid
+        self.calls.append(("reconcile_volumes", uuid))
+        recorded = [b.volume_id for b in instance.spec.block_devices]
+        with self._step(journal, "reconcile_volumes"):
+            attached = self.attached.setdefault(uuid, [])
+            attached[:] = [v for v in attached if v in recorded]  # attaches cut short
+            finished = [v for v in recorded if v not in attached]  # detaches cut short
+            self.connected -= {(u, v) for u, v in self.connected
+                               if u == uuid and (v not in recorded or v in finished)}
+        return finished
+
     def all_power_states(self) -> dict[str, str]:
         self.calls.append(("all_power_states", None))
         return dict(self.guests)

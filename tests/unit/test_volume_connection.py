@@ -203,6 +203,10 @@ class FakeHost:
     def delete_secret(self, secret_uuid):
         return self.secrets.pop(secret_uuid, None) is not None
 
+    def secrets_by_usage_prefix(self, prefix):
+        return {u: usage for u, (_, usage, _) in self.secrets.items()
+                if usage.startswith(prefix)}
+
 
 @pytest.fixture
 def vol_conf(conf, tmp_path):

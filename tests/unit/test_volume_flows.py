@@ -4,6 +4,7 @@ the manager's attach_volume/detach_volume RPCs against the FakeDriver."""
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import threading
 import types
@@ -99,6 +100,10 @@ class FakeGuest:
 
     def has_device_alias(self, alias, live):
         return alias in (self.live if live else self.config)
+
+    def volume_disks(self, live):
+        return {a: f'<disk><alias name="{a}"/></disk>'
+                for a in sorted(self.live if live else self.config)}
 
 
 @pytest.fixture
@@ -425,6 +430,75 @@ def test_reconcile_finishes_an_interrupted_reboot_of_a_volume_booted_instance(
     inst = store.get_instance(spec.uuid)
     assert (inst.vm_state, inst.task_state) == (states.ACTIVE, None)
     assert driver.connected == {(spec.uuid, "vol-2")} and driver.guests[spec.uuid] == "running"
+
+
+def test_reconcile_undoes_an_attach_cut_short(flows):
+    """The disk and the secret of a volume the record does not have go."""
+    with_vol = dataclasses.replace(flows.inst, spec=dataclasses.replace(
+        flows.inst.spec, block_devices=(bdm_of(iscsi_bdm()),)))
+    flows.volumes.attach(with_vol, flows.guest, bdm_of(iscsi_bdm()))
+    assert flows.guest.live == {"ua-sdb"} and flows.host.secrets
+
+    assert flows.volumes.reconcile(flows.inst, flows.guest) == []  # the record has none
+
+    assert flows.guest.live == set() and flows.guest.config == set()
+    assert flows.host.secrets == {}
+
+
+def test_reconcile_finishes_a_detach_cut_short_and_keeps_the_rest(flows):
+    """A recorded volume already gone from the domain is disconnected and
+    returned; a recorded volume still there keeps its disk and secret."""
+    inst = dataclasses.replace(flows.inst, spec=dataclasses.replace(
+        flows.inst.spec, block_devices=(bdm_of(iscsi_bdm()), bdm_of(rbd_bdm()))))
+    for bdm in inst.spec.block_devices:
+        flows.volumes.attach(inst, flows.guest, bdm)
+    flows.guest.live.discard("ua-sdb")  # the detach got this far
+    flows.guest.config.discard("ua-sdb")
+
+    assert flows.volumes.reconcile(inst, flows.guest) == ["vol-1"]
+
+    assert flows.guest.live == {"ua-sdc"} and flows.guest.config == {"ua-sdc"}
+    assert [usage for _, usage, _ in flows.host.secrets.values()] == [
+        base.secret_usage(INST, "vol-2")]
+    assert flows.guest.requests == []  # nothing the record has was detached
+
+
+def _interrupted(store, uuid: str, op_name: str) -> None:
+    store.update_instance(uuid, task_state=states.task_state_for(op_name))
+    op = store.start_operation(uuid, op_name, "req-before-crash")
+    store.start_step(op, op_name)
+
+
+def test_reconcile_of_an_interrupted_attach_rolls_it_back(manager, store, driver, active):
+    driver.attached[active].append("vol-2")  # in the domain, never recorded
+    driver.connected.add((active, "vol-2"))
+    _interrupted(store, active, "attach_volume")
+
+    manager.reconcile()
+
+    inst = store.get_instance(active)
+    assert (inst.vm_state, inst.task_state, inst.fault) == (states.ACTIVE, None, None)
+    assert [b.volume_id for b in inst.spec.block_devices] == ["vol-1"]
+    assert driver.attached[active] == ["vol-1"] and driver.connected == {(active, "vol-1")}
+    ops = store.operations(uuid=active, limit=2)
+    assert (ops[0].name, ops[0].status, ops[1].status) == ("attach_volume", "done",
+                                                           "interrupted")
+    assert ops[0].message == "volumes match the record"
+
+
+def test_reconcile_of_an_interrupted_detach_finishes_it(manager, store, driver, active):
+    driver.attached[active].remove("vol-1")  # gone from the domain, still recorded
+    _interrupted(store, active, "detach_volume")
+
+    manager.reconcile()
+
+    inst = store.get_instance(active)
+    assert (inst.vm_state, inst.task_state) == (states.ACTIVE, None)
+    assert inst.spec.block_devices == ()
+    assert driver.connected == set()
+    op = store.operations(uuid=active, limit=1)[0]
+    assert (op.status, op.message) == ("done",
+                                       "volumes match the record; detach of vol-1 finished")
 
 
 def test_client_api_checks_volume_fields_before_sending(make_spec):

@@ -322,6 +322,10 @@ class LibvirtDriver(LiveMigrationMixin, ColdMigrationMixin, driver.ComputeDriver
             with journal.step("disconnect_volumes"):
                 self.volumes.disconnect_all(instance)
 
+    def reconcile_volumes(self, instance: objects.Instance, journal: Journal) -> list[str]:
+        with journal.step("reconcile_volumes"):
+            return self.volumes.reconcile(instance, self.host.lookup(instance.uuid))
+
     def attach_volume(self, instance: objects.Instance, journal: Journal,
                       bdm: objects.BlockDevice) -> str:
         guest = self._require_guest(instance)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 
 import libvirt
+from lxml import etree
 
 from compute_agent import states
 
@@ -143,6 +144,18 @@ class Guest:
         unplug: wait for the device-removed event (Host.expect_device_removal)."""
         flags = self._device_flags(live, config)
         self._call("detachDeviceFlags", lambda d: d.detachDeviceFlags(xml, flags))
+
+    def volume_disks(self, live: bool) -> dict[str, str]:
+        """{alias: <disk> XML} of the disks with a user alias (``ua-``: the
+        agent's volumes) in the live (or the persistent) definition."""
+        flags = 0 if live else libvirt.VIR_DOMAIN_XML_INACTIVE
+        root = etree.fromstring(self._call("XMLDesc", lambda d: d.XMLDesc(flags)).encode())
+        disks = {}
+        for disk in root.iterfind("./devices/disk"):
+            alias = disk.find("alias")
+            if alias is not None and (alias.get("name") or "").startswith("ua-"):
+                disks[alias.get("name")] = etree.tostring(disk, encoding="unicode")
+        return disks
 
     def has_device_alias(self, alias: str, live: bool) -> bool:
         """Whether the live (or the persistent) definition has a device with

@@ -257,6 +257,13 @@ class Host:
             return True
         return self.call(f"secret undefine({secret_uuid})", fn)
 
+    def secrets_by_usage_prefix(self, prefix: str) -> dict[str, str]:
+        """{secret uuid: usage id} of the secrets whose usage id starts with ``prefix``."""
+        def fn(conn):
+            return {s.UUIDString(): s.usageID() for s in conn.listAllSecrets(0)
+                    if (s.usageID() or "").startswith(prefix)}
+        return self.call("listAllSecrets", fn)
+
     def secret_exists(self, secret_uuid: str) -> bool:
         def fn(conn):
             try:

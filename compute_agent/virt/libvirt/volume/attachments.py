@@ -92,6 +92,38 @@ class Volumes:
         if first is not None and not quiet:
             raise first
 
+    def reconcile(self, instance: objects.Instance, guest: Guest | None) -> list[str]:
+        """See LibvirtDriver.reconcile_volumes: disks and secrets of volumes the
+        record does not have go; recorded volumes whose disk is gone from the
+        domain are disconnected and returned (their detach is finished)."""
+        recorded = {base.alias_for(b): b for b in instance.spec.block_devices}
+        finished: list[str] = []
+        if guest is not None:
+            for live in ((True, False) if guest.is_running() else (False,)):
+                for alias, xml in guest.volume_disks(live).items():
+                    if alias not in recorded:
+                        LOG.warning("Removing disk %s, which the record does not have (an "
+                                    "attach cut short)", alias, instance_uuid=instance.uuid)
+                        guest.detach_device(xml, live=live, config=not live)
+            in_domain = set(guest.volume_disks(False)) | (
+                set(guest.volume_disks(True)) if guest.is_running() else set())
+            for alias, bdm in recorded.items():
+                if alias not in in_domain:
+                    LOG.warning("Volume %s is no longer in the domain: finishing its detach",
+                                bdm.volume_id, instance_uuid=instance.uuid)
+                    self.disconnect(instance.uuid, bdm)
+                    finished.append(bdm.volume_id)
+        kept = {base.secret_usage(instance.uuid, b.volume_id)
+                for b in instance.spec.block_devices if b.volume_id not in finished}
+        host = self._get_host()
+        for secret_uuid, usage in host.secrets_by_usage_prefix(
+                base.secret_usage_prefix(instance.uuid)).items():
+            if usage not in kept:
+                LOG.warning("Removing secret %s of a volume the record does not have",
+                            secret_uuid, instance_uuid=instance.uuid)
+                host.delete_secret(secret_uuid)
+        return finished
+
     # --- attach and detach -----------------------------------------------------------
 
     def attach(self, instance: objects.Instance, guest: Guest,

@@ -27,7 +27,11 @@ def secret_uuid(instance_uuid: str, volume_id: str) -> str:
 
 
 def secret_usage(instance_uuid: str, volume_id: str) -> str:
-    return f"compute-agent/{instance_uuid}/{volume_id}"
+    return f"{secret_usage_prefix(instance_uuid)}{volume_id}"
+
+
+def secret_usage_prefix(instance_uuid: str) -> str:
+    return f"compute-agent/{instance_uuid}/"
 
 
 def bus_for(device: str) -> str:
