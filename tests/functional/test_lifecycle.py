@@ -142,7 +142,8 @@ def test_suspend_refused_when_the_save_filesystem_is_nearly_full(api, agent_fact
         uuid = _boot(api, agent)
         ctxt = api.new_context()
         api.suspend(ctxt, agent.host, uuid)
-        inst = wait_for(api, ctxt, agent.host, uuid, _settled)
+        assert _op(api, ctxt, agent.host, uuid)["status"] == "failed"
+        inst = api.get_instance(ctxt, agent.host, uuid)
         assert inst["vm_state"] == "error"
         assert inst["fault"]["step"] == "check_save_space"
         assert "Not enough free space" in inst["fault"]["message"]
@@ -202,7 +203,8 @@ def test_hard_reboot_never_replaces_a_missing_root_disk(api, kvm_agent):
     os.rename(disk, disk + ".moved-away")
     ctxt = api.new_context()
     api.reboot(ctxt, kvm_agent.host, uuid, "HARD")
-    inst = wait_for(api, ctxt, kvm_agent.host, uuid, _settled)
+    assert _op(api, ctxt, kvm_agent.host, uuid)["status"] == "failed"
+    inst = api.get_instance(ctxt, kvm_agent.host, uuid)
     assert inst["vm_state"] == "error"
     assert inst["fault"]["step"] == "ensure_disks"
     assert "root disk" in inst["fault"]["message"] and "missing" in inst["fault"]["message"]
