@@ -521,6 +521,7 @@ class ResizeMixin:
             if same_host:
                 self.driver.remove_aside_dir(inst, journal)
             else:
+                self.driver.flush_disks(inst, journal)  # before the only other copy goes
                 with journal.step("confirm_resize_at_source"):
                     self._peer_api.confirm_resize_at_source(
                         ctxt, mig.source, inst.uuid, timeout=self.conf.long_rpc_timeout)

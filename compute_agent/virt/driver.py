@@ -251,3 +251,22 @@ class ComputeDriver(abc.ABC):
     def remove_aside(self, instance: Instance, journal: Journal) -> None:
         """Source, on confirm: the shut-off domain and <uuid>_resize removed."""
         raise NotSupported(what="Resize with this driver")
+
+    def remove_aside_dir(self, instance: Instance, journal: Journal) -> None:
+        """<uuid>_resize removed (a same-host confirm; the domain stays)."""
+        raise NotSupported(what="Resize with this driver")
+
+    def flush_disks(self, instance: Instance, journal: Journal) -> None:
+        """Destination, before a confirm deletes the source's copy: the
+        instance's disks on stable storage."""
+        raise NotSupported(what="Resize with this driver")
+
+    def copy_disks_from_aside(self, instance: Instance, journal: Journal) -> int:
+        """Same-host resize: copies of <uuid>_resize's disks become the
+        instance's; returns the bytes they hold."""
+        raise NotSupported(what="Resize with this driver")
+
+    def undo_resize_same_host(self, resized: Instance, original: Instance, journal: Journal,
+                              power_on: bool) -> None:
+        """Same-host revert or rollback: back to ``original``'s disks and flavor."""
+        raise NotSupported(what="Resize with this driver")

@@ -187,6 +187,11 @@ class FakeResizeMixin:
             self.attached.pop(uuid, None)
         self.remove_aside_dir(instance, journal)
 
+    def flush_disks(self, instance: objects.Instance, journal: Journal) -> None:
+        self.calls.append(("flush_disks", instance.uuid))
+        with self._step(journal, "flush_disks"):
+            pass
+
     def remove_aside_dir(self, instance: objects.Instance, journal: Journal) -> None:
         self.calls.append(("remove_aside_dir", instance.uuid))
         with self._step(journal, "remove_resize_dir"):

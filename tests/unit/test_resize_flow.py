@@ -228,7 +228,10 @@ def test_resize_to_another_host_then_confirm(hosts, running):
 
     dst.confirm_resize(o_context.RequestContext(), running)
 
-    assert _op(dst, running, "confirm_resize").status == "done"
+    op = _op(dst, running, "confirm_resize")
+    assert op.status == "done"
+    # The copy is on stable storage before the source's is deleted.
+    _assert_in_order(_steps(op), "flush_disks", "confirm_resize_at_source")
     assert _op(src, running, "confirm_resize_at_source").status == "done"
     inst = dst.store.get_instance(running)
     assert (inst.vm_state, inst.task_state, inst.power_state, inst.spec.flavor.name) == \

@@ -309,6 +309,22 @@ class ColdMigrationMixin:
             self._remove_domain(instance.uuid)
         self.remove_aside_dir(instance, journal)
 
+    def flush_disks(self, instance, journal) -> None:
+        """fsync the instance's disk files: the copies arrived through the
+        page cache (their rebase skips the flush), and the source's copy is
+        about to go. Cheap by now: the kernel has long written most back."""
+        with journal.step("flush_disks"):
+            inst_dir = self.instance_dir(instance.uuid)
+            for name in DISK_NAMES:
+                try:
+                    fd = os.open(os.path.join(inst_dir, name), os.O_RDONLY)
+                except FileNotFoundError:
+                    continue
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+
     def remove_aside_dir(self, instance, journal) -> None:
         with journal.step("remove_resize_dir"):
             aside = resize_dir(self.instance_dir(instance.uuid))
