@@ -34,7 +34,8 @@ class VolumeOpsMixin:
                 self.store.update_instance(inst.uuid, spec=json.dumps(spec.to_dict()))
             journal.note = f"volume {bdm.volume_id} attached as {bdm.device} ({how})"
 
-        self._volume_cast(ctxt, uuid, "attach_volume", body)
+        # A volume that could not be attached leaves a working instance.
+        self._cast(ctxt, uuid, "attach_volume", "attach_volume", body, keep_vm_state=True)
 
     def _check_attachable(self, uuid: str, bdm: objects.BlockDevice,
                           inst: objects.Instance | None = None) -> None:
@@ -86,7 +87,8 @@ class VolumeOpsMixin:
                 self.store.update_instance(inst.uuid, spec=json.dumps(spec.to_dict()))
             journal.note = f"volume {volume_id} detached from {bdm.device} ({how})"
 
-        self._volume_cast(ctxt, uuid, "detach_volume", body)
+        # A volume that could not be detached leaves a working instance.
+        self._cast(ctxt, uuid, "detach_volume", "detach_volume", body, keep_vm_state=True)
 
     def _reconcile_volume_op(self, ctxt, inst: objects.Instance, op_name: str) -> None:
         """An attach or detach cut short by a restart: undo the attach or finish
@@ -104,15 +106,4 @@ class VolumeOpsMixin:
             journal.note = ("volumes match the record" + (
                 f"; detach of {', '.join(gone)} finished" if gone else ""))
         self._run(ctxt, inst, op_name, body, resumed=True, keep_vm_state=True)
-
-    def _volume_cast(self, ctxt, uuid: str, action: str, body) -> None:
-        """Like _cast, but a failure keeps the instance's vm_state: a volume
-        that could not be attached or detached leaves a working instance."""
-        with self._context(ctxt, uuid):
-            try:
-                inst = self._accept(ctxt, objects.validate_uuid(uuid), action)
-            except (exception.Invalid, exception.NotFound) as exc:
-                self._refuse(ctxt, uuid, action, exc)
-                return
-            self._run(ctxt, inst, action, body, keep_vm_state=True)
 
